@@ -1,0 +1,1 @@
+"""nnU-Net glue for PGL pretraining (installed as ``nnunet_pgl.pretraining``)."""

@@ -1,0 +1,192 @@
+"""``pgl_pretrain``: PGL pretraining on a dataset's nnU-Net plans and preprocessed data (+ unlabeled CT)."""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+from typing import TYPE_CHECKING, List, NoReturn, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+PLANNED_HINT = "nnUNetv2_plan_and_preprocess -d {d} -c {c}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pgl_pretrain",
+        description="PGL self-supervised pretraining of the network that a dataset's nnU-Net plans build, on the "
+                    "dataset's own images (labels ignored) plus any unlabeled CT. Run after "
+                    "nnUNetv2_plan_and_preprocess; fine-tune with nnUNetv2_train ... -tr nnUNetTrainerPGL or "
+                    "-pretrained_weights <output>/checkpoint_final.pth.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-d", dest="dataset", required=True, help="Dataset name or ID, as for nnUNetv2_train.")
+    p.add_argument("-c", dest="configuration", default="3d_fullres",
+                   help="Configuration to pretrain (a 3D one). Fine-tune the same configuration.")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans",
+                   help="Plans identifier, e.g. nnUNetResEncUNetMPlans. The checkpoint only fits these plans.")
+    p.add_argument("--unlabeled", nargs="+", default=[], metavar="DIR",
+                   help="Folders of extra unlabeled images (NIfTI, NRRD, MHA, ...; one file per case, or "
+                        "_0000-style channel files). They are preprocessed with the dataset's plans once and cached "
+                        "beside the preprocessed data. More data is the point of pretraining: add all you have.")
+    p.add_argument("--no-labeled-images", action="store_true",
+                   help="Pretrain on the unlabeled folders only (by default the dataset's training images are used "
+                        "too, without their labels).")
+    p.add_argument("--exclude-fold", type=int, default=None, metavar="K",
+                   help="Leave out the validation cases of fold K of splits_final.json, so that fold K's validation "
+                        "stays unseen. Use it when you report cross-validation numbers of the fine-tuned model.")
+    p.add_argument("--epochs", type=int, default=None, help="Epochs (default 500, the paper's schedule). With --c, "
+                   "a larger value extends a finished run.")
+    p.add_argument("--iters-per-epoch", type=int, default=None, help="Iterations per epoch (default 250).")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="View pairs per step over all GPUs (default: the plans' batch size). Memory grows ~2.2x "
+                        "that of supervised training at the same batch size.")
+    p.add_argument("--method", choices=["pgl", "byol", "pgl+byol"], default=None,
+                   help="pgl: local consistency (the method). byol: global consistency baseline. pgl+byol: both. "
+                        "Each method writes its own output folder.")
+    p.add_argument("--levels", type=int, nargs="+", default=None,
+                   help="Feature levels of the loss: 0 = full resolution ... n-1 = bottleneck. Default: levels "
+                        "with stride >= 2 in every pooled axis (level 0 costs ~2.4x time, ~2.6x memory).")
+    p.add_argument("--lr", type=float, default=None, help="Peak learning rate (default 1e-2, SGD nesterov 0.99).")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="CPU loader processes (default: nnUNet_n_proc_DA rule, at most 4; regions are cheap to "
+                        "read, views are made on the GPU).")
+    p.add_argument("-num_gpus", type=int, default=1, help="GPUs on this node (nnU-Net's DDP). For several "
+                   "nodes launch with torchrun instead (env:// rendezvous).")
+    p.add_argument("-device", choices=["cuda", "cpu", "mps"], default="cuda", help="Device to train on.")
+    p.add_argument("--c", action="store_true", help="Continue from the latest checkpoint of this run.")
+    p.add_argument("--seed", type=int, default=None, help="Seed of the loader and view draws (default 12345).")
+    p.add_argument("-np", dest="num_processes", type=int, default=None,
+                   help="Processes for preprocessing the unlabeled images (default: nnU-Net's default_num_processes).")
+    return p
+
+
+def _fail(msg: str) -> NoReturn:
+    print(f"pgl_pretrain: error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from nnunet_pgl.trainers.discovery import ensure_ext_trainer_env
+    ensure_ext_trainer_env()
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_pgl.pretraining.config import CONFIG_ENV, CONFIG_FILE, PRETRAINER_BY_METHOD, PretrainConfig
+
+    for var, val in (("nnUNet_preprocessed", nnUNet_preprocessed), ("nnUNet_results", nnUNet_results)):
+        if not val:
+            _fail(f"${var} is not set. Set nnUNet_raw, nnUNet_preprocessed and nnUNet_results as for nnU-Net")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(args.dataset)
+    except RuntimeError:
+        _fail(f"dataset {args.dataset} is not in $nnUNet_preprocessed ({nnUNet_preprocessed}). Plan and preprocess "
+              f"it first: {PLANNED_HINT.format(d=args.dataset, c=args.configuration)}")
+    base = join(nnUNet_preprocessed, dataset_name)
+    plans_file = join(base, args.plans + ".json")
+    if not isfile(plans_file):
+        have = sorted(f[:-5] for f in os.listdir(base) if f.endswith("Plans.json")) if isdir(base) else []
+        _fail(f"no plans '{args.plans}' for {dataset_name} (found: {have or 'none'}). Plan first: "
+              f"{PLANNED_HINT.format(d=args.dataset, c=args.configuration)}, or pass -p with one of those")
+    plans = load_json(plans_file)
+    if args.configuration not in plans["configurations"]:
+        _fail(f"configuration '{args.configuration}' is not in plans {args.plans} (available: "
+              f"{sorted(plans['configurations'])})")
+    pm = PlansManager(plans_file)
+    cm = pm.get_configuration(args.configuration)
+    if len(cm.patch_size) != 3:
+        _fail(f"configuration '{args.configuration}' is 2D; PGL pretrains 3D networks (use 3d_fullres)")
+    data_dir = join(base, cm.data_identifier)
+    if not isdir(data_dir) or not any(f.endswith((".b2nd", ".npz", ".npy")) for f in os.listdir(data_dir)):
+        _fail(f"{data_dir} holds no preprocessed cases. Preprocess: nnUNetv2_preprocess -d {args.dataset} -c "
+              f"{args.configuration} -plans_name {args.plans}")
+    dataset_json = load_json(join(base, "dataset.json"))
+
+    cfg_prev: Optional[PretrainConfig] = None
+    method = args.method or "pgl"
+    trainer = PRETRAINER_BY_METHOD[method]
+    out = join(nnUNet_results, dataset_name, f"{trainer}__{args.plans}__{args.configuration}", "fold_all")
+    if args.c and isfile(join(out, CONFIG_FILE)):
+        cfg_prev = PretrainConfig.load(join(out, CONFIG_FILE))
+    cfg = cfg_prev or PretrainConfig()
+    cfg.method = method
+    for name, val in (("epochs", args.epochs), ("iters_per_epoch", args.iters_per_epoch),
+                      ("batch_size", args.batch_size), ("levels", args.levels), ("initial_lr", args.lr),
+                      ("num_workers", args.num_workers), ("seed", args.seed), ("exclude_fold", args.exclude_fold)):
+        if val is not None:
+            setattr(cfg, name, val)
+    if args.no_labeled_images:
+        cfg.use_labeled_images = False
+    if args.unlabeled:
+        cfg.unlabeled_dirs = [os.path.abspath(d) for d in args.unlabeled]
+    if not cfg.use_labeled_images and not cfg.unlabeled_dirs:
+        _fail("--no-labeled-images leaves nothing to pretrain on: add --unlabeled DIR")
+
+    if cfg.unlabeled_dirs:
+        from nnunet_pgl.pretraining.ingest import ingest_unlabeled
+        from nnunetv2.configuration import default_num_processes
+        try:
+            cases = ingest_unlabeled(cfg.unlabeled_dirs, pm, cm, dataset_json, base,
+                                     num_processes=args.num_processes or default_num_processes)
+        except ValueError as e:
+            _fail(str(e))
+        cfg.unlabeled_cases = [{"case_id": c.case_id, "data_file": c.data_file, "sha256": c.sha256,
+                                "source": list(c.source)} for c in cases]
+        print(f"Unlabeled: {len(cases)} cases ready from {len(cfg.unlabeled_dirs)} folder(s)")
+
+    os.makedirs(out, exist_ok=True)
+    cfg_path = join(out, CONFIG_FILE)
+    cfg.save(cfg_path)
+    os.environ[CONFIG_ENV] = cfg_path
+    print(f"PGL pretraining {dataset_name} {args.configuration} {args.plans}: method {method}, {cfg.epochs} epochs x "
+          f"{cfg.iters_per_epoch} iterations; output {out}")
+
+    if args.device == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+        device = torch.device("cpu")
+    elif args.device == "cuda":
+        if not torch.cuda.is_available():
+            _fail("-device cuda but no CUDA GPU is visible. Use -device cpu (slow) or check CUDA_VISIBLE_DEVICES")
+        torch.set_num_threads(1)
+        device = torch.device("cuda")
+    else:
+        device = torch.device("mps")
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device)
+        return
+    from nnunetv2.run.run_training import run_training
+    run_training(dataset_name, args.configuration, "all", trainer, args.plans, None, args.num_gpus,
+                 continue_training=args.c, device=device)
+
+
+def run_torchrun(dataset_name: str, configuration: str, trainer: str, plans: str, continue_training: bool,
+                 device: "torch.device") -> None:
+    """One rank of a ``torchrun`` launch (several nodes possible): env:// rendezvous, then nnU-Net's own steps."""
+    import torch
+    import torch.distributed as dist
+    from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="env://")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    try:
+        t = get_trainer_from_args(dataset_name, configuration, "all", trainer, plans, continue_training,
+                                  device=device)
+        maybe_load_checkpoint(t, continue_training, False, None)
+        t.run_training()
+        t.perform_actual_validation(False)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
