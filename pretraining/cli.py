@@ -129,6 +129,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not cfg.use_labeled_images and not cfg.unlabeled_dirs:
         _fail("--no-labeled-images leaves nothing to pretrain on: add --unlabeled DIR")
 
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if torchrun:  # rank 0 ingests and writes the configuration, the others wait and read it
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo", init_method="env://")
+        if dist.get_rank() != 0:
+            dist.barrier()
+            os.environ[CONFIG_ENV] = join(out, CONFIG_FILE)
+            run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, _device(args.device))
+            return
+
     if cfg.unlabeled_dirs:
         from nnunet_pgl.pretraining.ingest import ingest_unlabeled
         from nnunetv2.configuration import default_num_processes
@@ -148,18 +158,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"PGL pretraining {dataset_name} {args.configuration} {args.plans}: method {method}, {cfg.epochs} epochs x "
           f"{cfg.iters_per_epoch} iterations; output {out}")
 
-    if args.device == "cpu":
-        torch.set_num_threads(multiprocessing.cpu_count())
-        device = torch.device("cpu")
-    elif args.device == "cuda":
-        if not torch.cuda.is_available():
-            _fail("-device cuda but no CUDA GPU is visible. Use -device cpu (slow) or check CUDA_VISIBLE_DEVICES")
-        torch.set_num_threads(1)
-        device = torch.device("cuda")
-    else:
-        device = torch.device("mps")
-
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+    device = _device(args.device)
+    if torchrun:
+        dist.barrier()
         run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device)
         return
     from nnunetv2.run.run_training import run_training
@@ -167,15 +168,26 @@ def main(argv: Optional[List[str]] = None) -> None:
                  continue_training=args.c, device=device)
 
 
+def _device(name: str) -> "torch.device":
+    import torch
+    if name == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            _fail("-device cuda but no CUDA GPU is visible. Use -device cpu (slow) or check CUDA_VISIBLE_DEVICES")
+        torch.set_num_threads(1)
+        return torch.device("cuda")
+    return torch.device("mps")
+
+
 def run_torchrun(dataset_name: str, configuration: str, trainer: str, plans: str, continue_training: bool,
                  device: "torch.device") -> None:
-    """One rank of a ``torchrun`` launch (several nodes possible): env:// rendezvous, then nnU-Net's own steps."""
+    """One rank of a ``torchrun`` launch (several nodes possible; process group already up), nnU-Net's own steps."""
     import torch
     import torch.distributed as dist
     from nnunetv2.run.run_training import get_trainer_from_args, maybe_load_checkpoint
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method="env://")
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     try:

@@ -320,11 +320,16 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
                "data_wait_fraction": wait / dt if dt > 0 else 0.0,
                "views_per_s": 2 * self.batch_size * world * self.num_iterations_per_epoch / dt if dt > 0 else 0.0,
                "bad_steps": st["bad"]}
+        if self.is_ddp:
+            rec["ranks_in_sync"] = self._ranks_in_sync()
+            if not rec["ranks_in_sync"]:
+                self.print_to_log_file("WARNING: the ranks' weights differ (DDP out of sync)")
         self.pgl_log.append(rec)
         self.logger.log("epoch_end_timestamps", time.time(), self.current_epoch)
-        lv = ", ".join(f"L{l}={v:.4f}" for l, v in zip(rec["levels"], rec["level_losses"] or []))
-        self.print_to_log_file(f"loss {rec['loss']:.4f} ({lv}{'' if rec['global_loss'] is None else ', global=%.4f' % rec['global_loss']}) "
-                               f"lr {rec['lr']:.5f} tau {rec['tau']:.5f}")
+        parts = [f"level {l}: {v:.4f}" for l, v in zip(rec["levels"], rec["level_losses"] or [])]
+        if rec["global_loss"] is not None:
+            parts.append(f"global: {rec['global_loss']:.4f}")
+        self.print_to_log_file(f"loss {rec['loss']:.4f} ({', '.join(parts)}) lr {rec['lr']:.5f} tau {rec['tau']:.5f}")
         self.print_to_log_file(f"Epoch time: {dt:.2f} s, data wait {100 * rec['data_wait_fraction']:.1f} %, "
                                f"{rec['views_per_s']:.1f} views/s")
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
@@ -333,6 +338,16 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
             save_json(self.pgl_log, join(self.output_folder, "pgl_log.json"))
             plot_pgl_progress(self.pgl_log, join(self.output_folder, "progress.png"))
         self.current_epoch += 1
+
+    def _ranks_in_sync(self) -> bool:
+        """All-gather a weighted checksum of the online weights: True if every rank holds the same values."""
+        with torch.no_grad():
+            sums = torch.stack([p.detach().double().sum() * (i + 1) for i, p in
+                                enumerate(self.online.parameters())]).sum().view(1).to(self.device)
+        gathered = [torch.zeros_like(sums) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, sums)
+        vals = torch.cat(gathered)
+        return bool((vals.max() - vals.min()).abs() <= 1e-9 * vals.abs().max().clamp_min(1.0))
 
     def on_train_end(self):
         super().on_train_end()

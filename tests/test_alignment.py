@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import coordinate_field
 from nnunet_pgl.alignment import align_features, feature_stride, overlap_points
 from nnunet_pgl.prior import ViewPrior
 from nnunet_pgl.views import make_view_pair, sample_view
@@ -57,8 +56,8 @@ STRIDE_PAIRS = [((1, 1, 1), (1, 1, 1)), ((2, 2, 2), (2, 2, 2)), ((1, 2, 2), (1, 
 
 @pytest.mark.parametrize("stride_a,stride_b", STRIDE_PAIRS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_coordinate_field_aligns_exactly(stride_a, stride_b, seed):
-    region = coordinate_field(REGION, batch=4)
+def test_coordinate_field_aligns_exactly(stride_a, stride_b, seed, coords):
+    region = coords(REGION, batch=4)
     va, vb, pa, pb = make_view_pair(region, PATCH, generator=torch.Generator().manual_seed(seed))
     fa, fb = pool(va, stride_a), pool(vb, stride_b)
     assert feature_stride(pa, fa.shape[2:]) == tuple(float(s) for s in stride_a)
@@ -67,8 +66,8 @@ def test_coordinate_field_aligns_exactly(stride_a, stride_b, seed):
     assert bool(valid.all())
 
 
-def test_explicit_out_size_and_batched_items_match_single_items():
-    region = coordinate_field(REGION, batch=4)
+def test_explicit_out_size_and_batched_items_match_single_items(coords):
+    region = coords(REGION, batch=4)
     va, vb, pa, pb = make_view_pair(region, PATCH, generator=torch.Generator().manual_seed(3))
     fa, fb = pool(va, (1, 2, 2)), pool(vb, (2, 4, 4))
     a, b, valid, _ = check_exact(fa, pa, fb, pb, out_size=(5, 7, 6))
@@ -81,19 +80,19 @@ def test_explicit_out_size_and_batched_items_match_single_items():
         assert torch.equal(vi, valid[i:i + 1])
 
 
-def test_anisotropic_patch():
+def test_anisotropic_patch(coords):
     patch = (8, 32, 24)
-    region = coordinate_field((14, 48, 36), batch=3)
+    region = coords((14, 48, 36), batch=3)
     va, vb, pa, pb = make_view_pair(region, patch, generator=torch.Generator().manual_seed(4))
     for sa, sb in (((1, 2, 2), (2, 4, 4)), ((2, 4, 4), (1, 1, 1)), ((1, 4, 2), (2, 2, 4))):
         _, _, valid, _ = check_exact(pool(va, sa), pa, pool(vb, sb), pb)
         assert bool(valid.all())
 
 
-def test_flip_only():
+def test_flip_only(coords):
     # views are the whole region (crop = region extent, no resize), only flipped
     size = (8, 16, 16)
-    region = coordinate_field(size, batch=4)
+    region = coords(size, batch=4)
     whole = [[-0.5] * 3] * 4, [[float(s) for s in size]] * 4
     flips_a = torch.tensor([[True, False, False], [False, True, True], [True, True, True], [False, False, False]])
     flips_b = torch.tensor([[False, False, True], [True, True, False], [False, False, False], [True, True, True]])
@@ -110,8 +109,8 @@ def test_flip_only():
         assert bool(valid.all())
 
 
-def test_scale_only():
-    region = coordinate_field(REGION, batch=2)
+def test_scale_only(coords):
+    region = coords(REGION, batch=2)
     pa = ViewPrior.from_crop([[-0.5, -0.5, -0.5], [3.0, 4.0, 2.0]],
                              [[1.25 * p for p in PATCH], [1.1 * p for p in PATCH]], PATCH)
     pb = ViewPrior.from_crop([[2.0, 3.0, 1.5], [-0.5, 0.0, 0.5]],
@@ -121,9 +120,9 @@ def test_scale_only():
         check_exact(pool(va, sa), pa, pool(vb, sb), pb)
 
 
-def test_ten_percent_overlap():
+def test_ten_percent_overlap(coords):
     # two unscaled views shifted on every axis so that each axis shares 0.1^(1/3) of the patch: 10 % overlap
-    region = coordinate_field((40, 72, 72), batch=1)
+    region = coords((40, 72, 72), batch=1)
     share = 0.1 ** (1 / 3)
     start_b = [-0.5 + (1 - share) * p for p in PATCH]
     pa = ViewPrior.from_crop([-0.5] * 3, [float(p) for p in PATCH], PATCH, flips=(True, False, True))
@@ -140,9 +139,9 @@ def test_ten_percent_overlap():
         assert bool((points >= lo_b.view(1, 1, 1, 1, 3)).all()) and bool((points <= hi_a.view(1, 1, 1, 1, 3)).all())
 
 
-def test_identical_priors_give_identical_maps():
+def test_identical_priors_give_identical_maps(coords):
     g = torch.Generator().manual_seed(5)
-    region = coordinate_field(REGION, batch=3)
+    region = coords(REGION, batch=3)
     _, _, pa, _ = make_view_pair(region, PATCH, generator=g)
     feat = torch.randn(3, 6, 8, 8, 8, generator=g)
     a, b, valid = align_features(feat, pa, feat, pa)
@@ -150,9 +149,9 @@ def test_identical_priors_give_identical_maps():
     assert torch.equal(a, b)
 
 
-def test_flipping_a_view_changes_nothing_in_the_aligned_result():
+def test_flipping_a_view_changes_nothing_in_the_aligned_result(coords):
     g = torch.Generator().manual_seed(6)
-    region = coordinate_field(REGION, batch=3)
+    region = coords(REGION, batch=3)
     _, _, pa, pb = make_view_pair(region, PATCH, generator=g)
     fa = torch.randn(3, 5, 8, 8, 8, generator=g)          # stride (2, 4, 4)
     fb = torch.randn(3, 5, 16, 16, 16, generator=g)       # stride (1, 2, 2)
@@ -191,9 +190,9 @@ def test_no_overlap_is_rejected():
     assert bool(valid[0].any()) and not bool(valid[1].any())
 
 
-def test_regions_with_different_offsets_of_the_same_case():
+def test_regions_with_different_offsets_of_the_same_case(coords):
     # a case of 40 × 70 × 64 voxels filled with case coordinates; two regions cut at different places
-    case = coordinate_field((40, 70, 64), batch=1)
+    case = coords((40, 70, 64), batch=1)
     off_a, off_b = (3, 5, 7), (8, 12, 2)
     ra = case[:, :, off_a[0]:off_a[0] + 26, off_a[1]:off_a[1] + 50, off_a[2]:off_a[2] + 48]
     rb = case[:, :, off_b[0]:off_b[0] + 26, off_b[1]:off_b[1] + 50, off_b[2]:off_b[2] + 48]
@@ -211,10 +210,10 @@ def test_regions_with_different_offsets_of_the_same_case():
     check_exact(pool(vb, (2, 2, 2)), pb, pool(va, (1, 2, 2)), pa, offset=torch.tensor([off_b]))
 
 
-def test_rotation_prior_marks_points_outside_a_hull_invalid():
+def test_rotation_prior_marks_points_outside_a_hull_invalid(coords):
     # view b is rotated by 10° in the (y, x) plane about its centre: the bounding box of its footprint is larger
     # than the footprint, so some points of the grid fall outside view b and must be invalid
-    region = coordinate_field((24, 64, 64), batch=1)
+    region = coords((24, 64, 64), batch=1)
     pa = ViewPrior.from_crop((3.0, 10.0, 12.0), [1.2 * p for p in PATCH], PATCH)
     c = [(p - 1) / 2 for p in PATCH]
     t = math.radians(10.0)
@@ -249,9 +248,9 @@ def test_errors():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("stride_a,stride_b", STRIDE_PAIRS)
-def test_coordinate_field_aligns_exactly_cuda(stride_a, stride_b):
+def test_coordinate_field_aligns_exactly_cuda(stride_a, stride_b, coords):
     dev = torch.device("cuda")
-    region = coordinate_field(REGION, batch=4).to(dev)
+    region = coords(REGION, batch=4).to(dev)
     g = torch.Generator(device=dev).manual_seed(0)
     va, vb, pa, pb = make_view_pair(region, PATCH, generator=g)
     assert va.device.type == "cuda" and pa.to_region.device.type == "cuda"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import coordinate_field
 from nnunet_pgl.prior import ViewPrior
 from nnunet_pgl.views import make_view_pair, overlap_fraction, sample_view, to_grid_sample, voxel_grid
 
@@ -30,11 +29,11 @@ def my_overlap(lo_a, hi_a, lo_b, hi_b):
     return inter / torch.maximum((hi_a - lo_a).prod(1), (hi_b - lo_b).prod(1))
 
 
-def test_voxel_grid_is_arange_meshgrid():
+def test_voxel_grid_is_arange_meshgrid(coords):
     g = voxel_grid((3, 4, 5), torch.device("cpu"))
     assert g.shape == (3, 4, 5, 3)
     assert g[2, 1, 4].tolist() == [2.0, 1.0, 4.0]
-    torch.testing.assert_close(g.movedim(-1, 0), coordinate_field((3, 4, 5))[0], rtol=0, atol=0)
+    torch.testing.assert_close(g.movedim(-1, 0), coords((3, 4, 5))[0], rtol=0, atol=0)
 
 
 def test_to_grid_sample_edges_and_order():
@@ -47,8 +46,8 @@ def test_to_grid_sample_edges_and_order():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_views_are_exact_samples_of_a_linear_field(seed):
-    region = coordinate_field(REGION, batch=6)
+def test_views_are_exact_samples_of_a_linear_field(seed, coords):
+    region = coords(REGION, batch=6)
     g = torch.Generator().manual_seed(seed)
     va, vb, pa, pb = make_view_pair(region, PATCH, generator=g)
     assert va.shape == vb.shape == (6, 3, *PATCH)
@@ -57,8 +56,8 @@ def test_views_are_exact_samples_of_a_linear_field(seed):
     torch.testing.assert_close(vb, expected_view(pb), rtol=0, atol=1e-3)
 
 
-def test_sample_view_of_hand_prior():
-    region = coordinate_field(REGION, batch=1, dtype=torch.float64)
+def test_sample_view_of_hand_prior(coords):
+    region = coords(REGION, batch=1, dtype=torch.float64)
     prior = ViewPrior.from_crop((2.0, 3.0, 1.0), (10.0, 20.0, 15.0), (5, 10, 6), flips=(False, True, True),
                                 dtype=torch.float64)
     view = sample_view(region, prior)
@@ -123,10 +122,10 @@ def test_flip_frequency(flip_prob):
         assert bool(((per_axis - flip_prob).abs() < 0.08).all()), per_axis
 
 
-def test_padding_small_region_keeps_case_coordinates():
+def test_padding_small_region_keeps_case_coordinates(coords):
     # region of 6 × 10 × 10 voxels starting at case voxel (5, 7, 9), filled with case coordinates
     size, offset = (6, 10, 10), (5, 7, 9)
-    region = coordinate_field(size, batch=4, offset=offset)
+    region = coords(size, batch=4, offset=offset)
     patch = (8, 8, 8)        # the largest crop is ceil(1.4 · 8) = 12 voxels: pad (6, 2, 2) → before (3, 1, 1)
     g = torch.Generator().manual_seed(5)
     va, vb, pa, pb = make_view_pair(region, patch, generator=g, pad_value=-1000.0,
@@ -157,8 +156,8 @@ def _apply(affine: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bij,b...j->b...i", a[:, :3, :3], pts) + a[:, :3, 3].view(a.shape[0], *[1] * (pts.ndim - 2), 3)
 
 
-def test_no_padding_when_region_is_large_enough():
-    region = coordinate_field(REGION, batch=2)
+def test_no_padding_when_region_is_large_enough(coords):
+    region = coords(REGION, batch=2)
     off = torch.tensor([[3, 4, 5], [-1, 0, 2]])
     _, _, pa, pb = make_view_pair(region, PATCH, region_offset=off, generator=torch.Generator().manual_seed(0))
     assert torch.equal(pa.region_offset, off) and torch.equal(pb.region_offset, off)
@@ -181,8 +180,8 @@ def test_deterministic_with_seeded_generator():
     assert not torch.equal(out1[2].to_region, out3[2].to_region)
 
 
-def test_batched_priors_differ_per_item():
-    region = coordinate_field(REGION, batch=8)
+def test_batched_priors_differ_per_item(coords):
+    region = coords(REGION, batch=8)
     va, vb, pa, pb = make_view_pair(region, PATCH, generator=torch.Generator().manual_seed(11))
     for prior in (pa, pb):
         m = prior.to_region
@@ -193,8 +192,8 @@ def test_batched_priors_differ_per_item():
     torch.testing.assert_close(va, expected_view(pa), rtol=0, atol=1e-3)
 
 
-def test_float64_region_keeps_dtype():
-    region = coordinate_field(REGION, batch=2, dtype=torch.float64)
+def test_float64_region_keeps_dtype(coords):
+    region = coords(REGION, batch=2, dtype=torch.float64)
     va, vb, pa, _ = make_view_pair(region, PATCH, generator=torch.Generator().manual_seed(0))
     assert va.dtype == vb.dtype == torch.float64
     torch.testing.assert_close(va, expected_view(pa).double(), rtol=0, atol=1e-4)

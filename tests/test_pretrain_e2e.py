@@ -1,0 +1,128 @@
+"""End to end, with stock nnU-Net commands in subprocesses: plan & preprocess → pgl_pretrain (with an unlabeled
+folder of NIfTI and NRRD files) → resume with --c → stock nnUNetv2_train -pretrained_weights; plus 2 CPU ranks
+under torchrun (gloo) whose weights must stay identical."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+BIN = os.path.dirname(sys.executable)
+DATASET = "Dataset991_PGLE2E"
+PRETRAINER_DIR = "nnUNetPretrainerPGL__nnUNetPlans__3d_fullres"
+
+
+def run(cmd: List[str], env: Dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A small synthetic CT dataset, planned and preprocessed by stock nnU-Net, plus an unlabeled folder."""
+    from nnunet_pgl.pretraining.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
+               nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", OMP_NUM_THREADS="2")
+    out = make_dataset(env["nnUNet_raw"], dataset_id=991, name="PGLE2E", num_train=6, num_unlabeled=2,
+                       unlabeled_dir=str(root / "unlabeled"), shape=(24, 48, 48), seed=3,
+                       unlabeled_formats=(".nii.gz", ".nrrd"))
+    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # planning calls set_num_threads(n_proc_DA)
+    run([f"{BIN}/nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-npfp", "2", "-np", "2"], plan_env)
+    return env, out["unlabeled"], root
+
+
+@pytest.fixture(scope="module")
+def pretrained(planned):
+    env, unlabeled, root = planned
+    p = run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--epochs", "2", "--iters-per-epoch", "2",
+             "--unlabeled", unlabeled, "-np", "1", "--num-workers", "1"], env)
+    out = root / "res" / DATASET / PRETRAINER_DIR / "fold_all"
+    return env, out, p.stdout + p.stderr
+
+
+def test_pretrain_outputs(pretrained):
+    env, out, log = pretrained
+    for f in ("checkpoint_final.pth", "pgl_config.json", "pgl_log.json", "progress.png", "plans.json",
+              "dataset.json"):
+        assert (out / f).is_file(), f
+    assert not (out / "checkpoint_latest.pth").exists()
+    ckpt = torch.load(out / "checkpoint_final.pth", weights_only=True)  # tensors and builtins only
+    w = ckpt["network_weights"]
+    assert all(not k.startswith(("module.", "_orig_mod.")) for k in w)
+    assert any(k.startswith("decoder.stages.") for k in w) and any(k.startswith("encoder.") for k in w)
+    assert all(v.device.type == "cpu" for v in w.values())
+    meta = ckpt["pgl_meta"]
+    assert meta["plans_identifier"] == "nnUNetPlans" and meta["configuration"] == "3d_fullres"
+    assert meta["network_class"].endswith("PlainConvUNet") and meta["num_input_channels"] == 1
+    kinds = [c["kind"] for c in meta["cases"]]
+    assert kinds.count("labeled") == 6 and kinds.count("unlabeled") == 2
+    assert all(len(c["sha256"]) == 64 for c in meta["cases"])
+    log = json.loads((out / "pgl_log.json").read_text())
+    assert [r["epoch"] for r in log] == [0, 1]
+    for key in ("loss", "level_losses", "lr", "tau", "epoch_time_s", "data_wait_fraction", "views_per_s"):
+        assert key in log[-1]
+    # the unlabeled cache sits beside nnU-Net's data folder, never inside it
+    pre = os.path.join(env["nnUNet_preprocessed"], DATASET)
+    assert os.path.isdir(os.path.join(pre, "nnUNetPlans_3d_fullres_pgl_unlabeled"))
+    assert not any("unl" in f for f in os.listdir(os.path.join(pre, "nnUNetPlans_3d_fullres")))
+
+
+def test_resume_continues_from_saved_epoch(pretrained):
+    env, out, _ = pretrained
+    before = torch.load(out / "checkpoint_final.pth", weights_only=True)
+    assert before["current_epoch"] == 2
+    p = run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--epochs", "3", "--c"], env)
+    after = torch.load(out / "checkpoint_final.pth", weights_only=True)
+    assert after["current_epoch"] == 3
+    log = json.loads((out / "pgl_log.json").read_text())
+    assert [r["epoch"] for r in log] == [0, 1, 2]  # epochs 0-1 restored from the checkpoint, 2 trained now
+    assert "Epoch 2" in p.stdout and "Epoch 0" not in p.stdout
+    assert log[2]["loss"] < log[0]["loss"]  # 6 iterations suffice on this dataset (see README)
+    cfg = json.loads((out / "pgl_config.json").read_text())
+    assert cfg["epochs"] == 3 and cfg["iters_per_epoch"] == 2 and len(cfg["unlabeled_cases"]) == 2
+
+
+def test_stock_finetune_loads_checkpoint(pretrained):
+    env, out, _ = pretrained
+    from nnunet_pgl.trainers.discovery import shim_folder
+    env = dict(env, nnUNet_extTrainer=shim_folder())
+    p = run([f"{BIN}/nnUNetv2_train", "991", "3d_fullres", "0", "-tr", "nnUNetTrainerScratch_smoke", "-device", "cpu",
+             "-pretrained_weights", str(out / "checkpoint_final.pth")], env)
+    text = p.stdout + p.stderr
+    assert "Loading pretrained weights" in text
+    assert "decoder.stages.0" in text  # the decoder transfers too
+
+
+def test_two_cpu_ranks_stay_in_sync(planned):
+    env, _, root = planned
+    run([f"{BIN}/torchrun", "--standalone", "--nproc_per_node", "2", f"{BIN}/pgl_pretrain", "-d", "991",
+         "-device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--method", "pgl+byol", "--num-workers", "0"],
+        dict(env, OMP_NUM_THREADS="1"))
+    out = root / "res" / DATASET / "nnUNetPretrainerPGLBYOL__nnUNetPlans__3d_fullres" / "fold_all"
+    log = json.loads((out / "pgl_log.json").read_text())
+    assert log[-1]["ranks_in_sync"] is True
+    assert log[-1]["global_loss"] is not None and log[-1]["level_losses"]
+
+
+def test_bad_dataset_messages(planned):
+    env, _, _ = planned
+    p = subprocess.run([f"{BIN}/pgl_pretrain", "-d", "555", "-device", "cpu"], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "nnUNetv2_plan_and_preprocess -d 555" in p.stderr
+    p = subprocess.run([f"{BIN}/pgl_pretrain", "-d", "991", "-p", "NoSuchPlans", "-device", "cpu"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "no plans 'NoSuchPlans'" in p.stderr and "nnUNetPlans" in p.stderr
+    p = subprocess.run([f"{BIN}/pgl_pretrain", "-d", "991", "-c", "3d_nope", "-device", "cpu"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "configuration '3d_nope'" in p.stderr
