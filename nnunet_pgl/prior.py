@@ -186,8 +186,11 @@ class ViewPrior:
         return ViewPrior(self.to_region.to(device), self.patch_size, self.region_offset.to(device))
 
     def __getitem__(self, idx: Union[int, slice, torch.Tensor]) -> "ViewPrior":
-        if isinstance(idx, int):
-            idx = slice(idx, idx + 1)
+        if isinstance(idx, int):  # keep the batch axis; negative indices count from the end, as for tensors
+            n = self.batch_size
+            if not -n <= idx < n:
+                raise IndexError(f"batch index {idx} out of range for a prior of {n} items")
+            idx = slice(idx % n, idx % n + 1)
         return ViewPrior(self.to_region[idx], self.patch_size, self.region_offset[idx])
 
     @staticmethod

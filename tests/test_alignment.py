@@ -173,6 +173,25 @@ def test_flipping_a_view_changes_nothing_in_the_aligned_result(coords):
         torch.testing.assert_close(b2, b0, rtol=0, atol=1e-4)
 
 
+def test_flipping_the_view_tensor_changes_nothing(coords):
+    # the literal statement: flip the view itself, record the flip in its prior, pool, align
+    region = coords(REGION, batch=2)
+    va, vb, pa, pb = make_view_pair(region, PATCH, generator=torch.Generator().manual_seed(8))
+    s = (2, 4, 4)
+    a0, b0, v0 = align_features(pool(va, s), pa, pool(vb, s), pb)
+    flip = torch.eye(4)
+    for ax in (0, 2):
+        flip[ax, ax] = -1.0
+        flip[ax, 3] = PATCH[ax] - 1.0
+    vb_flipped, pb_flipped = vb.flip([2, 4]), pb.after(flip)
+    # the flipped prior describes the flipped view exactly
+    torch.testing.assert_close(sample_view(region, pb_flipped), vb_flipped, rtol=0, atol=1e-4)
+    a1, b1, v1, _ = check_exact(pool(va, s), pa, pool(vb_flipped, s), pb_flipped)
+    assert torch.equal(v0, v1)
+    torch.testing.assert_close(a1, a0, rtol=0, atol=1e-4)
+    torch.testing.assert_close(b1, b0, rtol=0, atol=1e-4)
+
+
 def test_no_overlap_is_rejected():
     pa = ViewPrior.from_crop([[-0.5] * 3, [-0.5] * 3], [[8.0] * 3] * 2, (8, 8, 8))
     # item 1 only touches view a on z (shared face, no volume); item 0 overlaps

@@ -54,9 +54,11 @@ def pretrained(planned):
 
 def test_pretrain_outputs(pretrained):
     env, out, log = pretrained
-    for f in ("checkpoint_final.pth", "pgl_config.json", "pgl_log.json", "progress.png", "plans.json",
-              "dataset.json"):
+    for f in ("checkpoint_final.pth", "pgl_config.json", "pgl_log.json", "progress.png"):
         assert (out / f).is_file(), f
+    for f in ("plans.json", "dataset.json", "dataset_fingerprint.json"):  # one level up, as nnU-Net writes them
+        assert (out.parent / f).is_file(), f
+    assert any(f.startswith("training_log_") for f in os.listdir(out))
     assert not (out / "checkpoint_latest.pth").exists()
     ckpt = torch.load(out / "checkpoint_final.pth", weights_only=True)  # tensors and builtins only
     w = ckpt["network_weights"]
@@ -108,12 +110,18 @@ def test_stock_finetune_loads_checkpoint(pretrained):
 def test_two_cpu_ranks_stay_in_sync(planned):
     env, _, root = planned
     run([f"{BIN}/torchrun", "--standalone", "--nproc_per_node", "2", f"{BIN}/pgl_pretrain", "-d", "991",
-         "-device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--method", "pgl+byol", "--num-workers", "0"],
+         "-device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--method", "pgl+byol", "--num-workers", "0",
+         "--exclude-fold", "0"],
         dict(env, OMP_NUM_THREADS="1"))
     out = root / "res" / DATASET / "nnUNetPretrainerPGLBYOL__nnUNetPlans__3d_fullres" / "fold_all"
     log = json.loads((out / "pgl_log.json").read_text())
     assert log[-1]["ranks_in_sync"] is True
     assert log[-1]["global_loss"] is not None and log[-1]["level_losses"]
+    # --exclude-fold 0 created nnU-Net's split and left fold 0's validation cases out
+    splits = json.loads((root / "pre" / DATASET / "splits_final.json").read_text())
+    ckpt = torch.load(out / "checkpoint_final.pth", weights_only=True)
+    seen = {c["case_id"] for c in ckpt["pgl_meta"]["cases"] if c["kind"] == "labeled"}
+    assert seen == set(splits[0]["train"]) and not seen & set(splits[0]["val"])
 
 
 def test_bad_dataset_messages(planned):

@@ -155,6 +155,12 @@ def test_cat_and_indexing():
     assert item.batch_size == 1
     assert torch.equal(item.to_region, p2.to_region[1:2])
     assert item.region_offset.tolist() == [[7, 8, 9]]
+    # negative indices count from the end (a plain slice(idx, idx + 1) would make both[-1] empty)
+    assert torch.equal(both[-1].to_region, item.to_region)
+    assert torch.equal(both[-3].to_region, both[0].to_region)
+    for bad in (3, -4):
+        with pytest.raises(IndexError, match="out of range"):
+            both[bad]
     sl = both[1:]
     assert sl.batch_size == 2 and torch.equal(sl.to_region, p2.to_region)
     picked = both[torch.tensor([True, False, True])]

@@ -1,0 +1,146 @@
+"""Time the stock nnU-Net supervised train step against the pgl_pretrain step, same plan, batch and device.
+
+    python benchmarks/pretrain_speed.py [--tiny] [-d D -c C -p P] [--steps N] [--json PATH]
+
+``--tiny`` makes a small synthetic CT dataset in a temporary folder and plans it with stock nnU-Net (a CI-sized
+plan); otherwise ``-d`` names a planned and preprocessed dataset (``nnUNet_*`` variables set). Both trainers are
+built by nnU-Net's own code from the same plans; batches are already on the device (random data of the right
+shape: the supervised step gets a patch batch with deep-supervision targets, the PGL step a region batch from which
+it makes the views). Reports medians of ``--steps`` steps after warm-up (CUDA events on GPU), peak device memory,
+the ratios, and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List
+
+
+def _timeit(fn: Callable[[], Any], steps: int, warmup: int, device) -> List[float]:
+    import torch
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            out.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(1000 * (time.perf_counter() - t0))
+    return out
+
+
+def _make_tiny(root: str) -> str:
+    from nnunet_pgl.pretraining.synthetic import make_dataset
+    os.environ.update(nnUNet_raw=os.path.join(root, "raw"), nnUNet_preprocessed=os.path.join(root, "pre"),
+                      nnUNet_results=os.path.join(root, "res"))
+    make_dataset(os.environ["nnUNet_raw"], dataset_id=993, name="PGLBench", num_train=5, shape=(24, 48, 48))
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnUNetv2_plan_and_preprocess"), "-d", "993",
+                    "-c", "3d_fullres", "-npfp", "2", "-np", "2"], env=env, check=True, capture_output=True)
+    return "993"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("-d", dest="dataset")
+    ap.add_argument("-c", dest="configuration", default="3d_fullres")
+    ap.add_argument("-p", dest="plans", default="nnUNetPlans")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 5 on CPU)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="pgl_bench_") if args.tiny else None
+    if args.tiny:
+        args.dataset = _make_tiny(tmp)
+    if not args.dataset:
+        ap.error("give -d DATASET or --tiny")
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnunet_pgl.pretraining.loader import region_size_for
+    from nnunet_pgl.pretraining.pretrainer import nnUNetPretrainerPGL
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    steps = args.steps or (20 if device.type == "cuda" else 5)
+    warmup = 5 if device.type == "cuda" else 1
+    name = maybe_convert_to_dataset_name(args.dataset)
+    base = join(nnUNet_preprocessed, name)
+    dataset_json = load_json(join(base, "dataset.json"))
+    os.environ.setdefault("nnUNet_results", tempfile.mkdtemp(prefix="pgl_bench_res_"))
+
+    def trainer(cls):
+        plans = load_json(join(base, args.plans + ".json"))
+        plans["continue_training"] = False
+        t = cls(plans, args.configuration, "all", dataset_json, device)
+        t.initialize()
+        return t
+
+    results: Dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                               "torch": torch.__version__, "dataset": name, "plans": args.plans,
+                               "configuration": args.configuration, "steps": steps}
+
+    sup = trainer(nnUNetTrainer)
+    patch = list(sup.configuration_manager.patch_size)
+    bs = sup.batch_size
+    results.update(patch_size=patch, batch_size=bs)
+    x = torch.randn(bs, sup.num_input_channels, *patch, device=device)
+    scales = sup._get_deep_supervision_scales()
+    nlab = len(sup.label_manager.all_labels)
+    tgt = [torch.randint(0, nlab, (bs, 1, *[int(round(p * s)) for p, s in zip(patch, sc)]), device=device).float()
+           for sc in scales]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_sup = _timeit(lambda: sup.train_step({"data": x, "target": tgt}), steps, warmup, device)
+    mem_sup = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    del sup
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    pgl = trainer(nnUNetPretrainerPGL)
+    region = region_size_for(patch, pgl.pgl_config.scale_range[1])
+    batch = {"data": torch.randn(bs, pgl.num_input_channels, *region, device=device),
+             "offset": torch.zeros(bs, 3, dtype=torch.long, device=device)}
+    pgl.dataloader_train = None
+    pgl.on_epoch_start()
+    pgl.on_train_epoch_start()
+    t_pgl = _timeit(lambda: pgl.train_step(batch), steps, warmup, device)
+    mem_pgl = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+
+    med_sup, med_pgl = statistics.median(t_sup), statistics.median(t_pgl)
+    results.update(supervised_step_ms=med_sup, pgl_step_ms=med_pgl, step_ratio=med_pgl / med_sup,
+                   supervised_peak_mem_gib=mem_sup, pgl_peak_mem_gib=mem_pgl,
+                   memory_ratio=(mem_pgl / mem_sup) if mem_sup else None, data_wait_fraction=None,
+                   levels=pgl.online.loss_levels, threads=torch.get_num_threads())
+    print(f"device {results['device']}, patch {patch}, batch {bs} (pairs), loss levels {pgl.online.loss_levels}, "
+          f"{steps} timed steps")
+    print("| step | median ms | peak GiB |")
+    print("|---|---|---|")
+    print(f"| nnU-Net supervised | {med_sup:.1f} | {mem_sup if mem_sup is None else round(mem_sup, 2)} |")
+    print(f"| pgl_pretrain | {med_pgl:.1f} | {mem_pgl if mem_pgl is None else round(mem_pgl, 2)} |")
+    print(f"| ratio | {med_pgl / med_sup:.2f}x | "
+          f"{'n/a' if not mem_sup else '%.2fx' % (mem_pgl / mem_sup)} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
