@@ -21,11 +21,15 @@ def ema_update_(target: nn.Module, online: nn.Module, tau: float) -> None:
     """
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must be in [0, 1]; got {tau}")
-    tp, op = list(target.parameters()), list(online.parameters())
-    tb, ob = list(target.buffers()), list(online.buffers())
-    if len(tp) != len(op) or len(tb) != len(ob):
-        raise ValueError(f"target and online modules differ in structure: {len(tp)}/{len(op)} parameters, "
-                         f"{len(tb)}/{len(ob)} buffers")
+    tn, on = dict(target.named_parameters()), dict(online.named_parameters())
+    tbn, obn = dict(target.named_buffers()), dict(online.named_buffers())
+    shapes_t = [(k, tuple(v.shape)) for k, v in list(tn.items()) + list(tbn.items())]
+    shapes_o = [(k, tuple(v.shape)) for k, v in list(on.items()) + list(obn.items())]
+    if shapes_t != shapes_o:
+        diff = sorted(set(shapes_t) ^ set(shapes_o))[:5]
+        raise ValueError(f"target and online modules differ in structure (names/shapes), e.g. {diff}; make the "
+                         "target with make_target(online)")
+    tp, op, tb, ob = list(tn.values()), list(on.values()), list(tbn.values()), list(obn.values())
     float_t = [t for t in tp + tb if t.is_floating_point()]
     float_o = [o.detach().to(t.dtype) for t, o in zip(tp + tb, op + ob) if t.is_floating_point()]
     if float_t:

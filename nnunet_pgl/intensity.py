@@ -86,9 +86,12 @@ class IntensityAugmentation:
             out = out + noise * var.sqrt().view(bc).to(x.dtype)
         if self.blur_p > 0:
             out = gaussian_blur(out, sigma)
-        out = out * bright.view(bc).to(x.dtype)
-        mean = out.mean(dim=(1, 2, 3, 4), keepdim=True)
-        out = (out - mean) * contr.view(bc).to(x.dtype) + mean
+        if self.brightness_p > 0:
+            out = out * bright.view(bc).to(x.dtype)
+        if self.contrast_p > 0:
+            mean = out.mean(dim=(1, 2, 3, 4), keepdim=True)
+            f = contr.view(bc).to(x.dtype)
+            out = torch.where(f == 1, out, (out - mean) * f + mean)
         if self.gamma_p > 0:
             out = apply_gamma(out, gam)
         return out

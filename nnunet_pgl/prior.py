@@ -110,6 +110,8 @@ class ViewPrior:
             raise ValueError(f"crop_size must be positive; got {size.tolist()}")
         flip = (torch.zeros(b, 3, dtype=torch.bool, device=device) if flips is None
                 else _as_batched(flips, b, device, torch.bool, "flips"))
+        if flip.shape[0] != b:
+            raise ValueError(f"flips has {flip.shape[0]} items, crop_start has {b}")
         offset = (torch.zeros(b, 3, dtype=torch.long, device=device) if region_offset is None
                   else _as_batched(region_offset, b, device, torch.long, "region_offset"))
         p = torch.tensor(ps, dtype=dtype, device=device)

@@ -54,7 +54,7 @@ def blob_volume(shape: List[int], batch: int, gen: torch.Generator) -> torch.Ten
 
 
 def pgl_steps(steps: int = 5, seed: int = 0) -> List[float]:
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet  # not a dependency of the core
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet  # type: ignore[import-untyped]
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -83,7 +83,7 @@ def pgl_steps(steps: int = 5, seed: int = 0) -> List[float]:
             tgt = target(x, pa, pb, use_predictor=False)
         loss, per_level, _ = pgl_loss(out, tgt)
         opt.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         ema_update_(target, online, tau_schedule(k, steps))
         losses.append(float(loss.detach()))

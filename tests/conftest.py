@@ -16,14 +16,6 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
-@pytest.fixture
-def make_generator() -> Callable[[int], torch.Generator]:
-    """Factory of seeded CPU generators: ``make_generator(seed)``."""
-    def make(seed: int) -> torch.Generator:
-        return torch.Generator().manual_seed(seed)
-    return make
-
-
 def coordinate_field(size: Sequence[int], batch: int = 1, offset: Sequence[int] = (0, 0, 0),
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(batch, 3, *size)`` volume whose channels hold each voxel's own coordinates (z, y, x) + ``offset``.
