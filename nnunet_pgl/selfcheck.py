@@ -88,7 +88,7 @@ def pgl_steps(steps: int = 5, seed: int = 0) -> List[float]:
         ema_update_(target, online, tau_schedule(k, steps))
         losses.append(float(loss.detach()))
         valid = [f"{float(v.float().mean()):.0%}" for v in out.valid]
-        print(f"    step {k}: loss {losses[-1]:.4f}  per level {[round(float(x), 4) for x in per_level]}  "
+        print(f"    step {k}: loss {losses[-1]:.4f}  per level {[round(float(x.detach()), 4) for x in per_level]}  "
               f"valid overlap {valid}  {time.perf_counter() - t0:.2f} s")
     return losses
 
