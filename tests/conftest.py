@@ -1,8 +1,11 @@
 """Shared, generic fixtures for the test suite (keep this file small)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import pytest
 import torch
@@ -32,3 +35,42 @@ def coordinate_field(size: Sequence[int], batch: int = 1, offset: Sequence[int] 
 def coords() -> Callable[..., torch.Tensor]:
     """The :func:`coordinate_field` factory as a fixture."""
     return coordinate_field
+
+
+# ------------------------------------------------------------------ end-to-end fixtures (stock nnU-Net in subprocesses)
+BIN = os.path.dirname(sys.executable)
+DATASET = "Dataset991_PGLE2E"
+PRETRAINER_DIR = "nnUNetPretrainerPGL__nnUNetPlans__3d_fullres"
+
+
+def run(cmd: List[str], env: Dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def planned(tmp_path_factory):
+    """A small synthetic CT dataset, planned and preprocessed by stock nnU-Net, plus an unlabeled folder."""
+    from nnunet_pgl.pretraining.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
+    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
+               nnUNet_def_n_proc="1", nnUNet_n_proc_DA="0", OMP_NUM_THREADS="2")
+    out = make_dataset(env["nnUNet_raw"], dataset_id=991, name="PGLE2E", num_train=6, num_unlabeled=2,
+                       unlabeled_dir=str(root / "unlabeled"), shape=(24, 48, 48), seed=3,
+                       unlabeled_formats=(".nii.gz", ".nrrd"))
+    plan_env = {k: v for k, v in env.items() if k != "nnUNet_n_proc_DA"}  # planning calls set_num_threads(n_proc_DA)
+    run([f"{BIN}/nnUNetv2_plan_and_preprocess", "-d", "991", "-c", "3d_fullres", "-npfp", "2", "-np", "2"], plan_env)
+    return env, out["unlabeled"], root
+
+
+@pytest.fixture(scope="session")
+def pretrained(planned):
+    env, unlabeled, root = planned
+    p = run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--epochs", "2", "--iters-per-epoch", "2",
+             "--unlabeled", unlabeled, "-np", "1", "--num-workers", "1"], env)
+    out = root / "res" / DATASET / PRETRAINER_DIR / "fold_all"
+    return env, out, p.stdout + p.stderr

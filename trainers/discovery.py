@@ -1,4 +1,9 @@
-"""Where nnU-Net finds this project's trainers: the shim folder that ``nnUNet_extTrainer`` points to."""
+"""Where nnU-Net finds this project's trainers: the shim folder that ``nnUNet_extTrainer`` points to.
+
+An interpreter-start hook (``nnunet_pgl_ext.pth`` → the top-level module ``nnunet_pgl_ext``) sets the variable in
+every Python process of the environment, so stock commands, their subprocesses and DDP ranks see it. ``pgl_env``
+prints the plain ``export`` line for environments that skip ``.pth`` hooks (``python -S``, some launchers).
+"""
 from __future__ import annotations
 
 import os
@@ -24,3 +29,12 @@ def ext_trainer_value(current: str | None = None) -> str:
 def ensure_ext_trainer_env() -> None:
     """Set ``nnUNet_extTrainer`` in this process (children and DDP ranks inherit it)."""
     os.environ[EXT_ENV] = ext_trainer_value()
+
+
+def main() -> None:
+    """``pgl_env``: print the export line that makes nnU-Net find nnunet_pgl's trainers."""
+    print(f"export {EXT_ENV}={ext_trainer_value()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,2 +1,8 @@
 # Shim for nnU-Net's trainer search (nnUNet_extTrainer): re-exports, absolute imports only, no classes defined here.
-from nnunet_pgl.trainers.variants import nnUNetTrainerScratch_smoke  # noqa: F401
+from nnunet_pgl.trainers.pgl import (  # noqa: F401
+    nnUNetTrainerPGL, nnUNetTrainerPGL_1epochs, nnUNetTrainerPGL_5epochs, nnUNetTrainerPGL_10epochs,
+    nnUNetTrainerPGL_50epochs, nnUNetTrainerPGL_100epochs, nnUNetTrainerPGL_250epochs, nnUNetTrainerPGL_demo,
+    nnUNetTrainerPGL_encoderOnly, nnUNetTrainerPGL_smoke, nnUNetTrainerPGLBYOL, nnUNetTrainerScratch,
+    nnUNetTrainerScratch_1epochs, nnUNetTrainerScratch_5epochs, nnUNetTrainerScratch_10epochs,
+    nnUNetTrainerScratch_50epochs, nnUNetTrainerScratch_100epochs, nnUNetTrainerScratch_250epochs,
+    nnUNetTrainerScratch_demo, nnUNetTrainerScratch_smoke)
