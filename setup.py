@@ -91,6 +91,8 @@ setup(
             "pgl_selfcheck=nnunet_pgl.selfcheck:main",
             "pgl_pretrain=nnunet_pgl.pretraining.cli:main",
             "pgl_env=nnunet_pgl.trainers.discovery:main",
+            "pgl_compare=nnunet_pgl.pretraining.compare:main",
+            "pgl_demo=nnunet_pgl.pretraining.demo:main",
         ],
     },
 )

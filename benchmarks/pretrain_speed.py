@@ -53,6 +53,25 @@ def _make_tiny(root: str) -> str:
     return "993"
 
 
+def _short_run_wait(args, dataset_name: str, device) -> Any:
+    """Data-wait fraction of epoch 1 of a real 2-epoch pgl_pretrain run (epoch 0 includes start-up)."""
+    out = tempfile.mkdtemp(prefix="pgl_bench_run_")
+    env = dict(os.environ, nnUNet_results=out)
+    iters = 20 if device.type == "cuda" else 4
+    cmd = [os.path.join(os.path.dirname(sys.executable), "pgl_pretrain"), "-d", dataset_name, "-c",
+           args.configuration, "-p", args.plans, "-device", device.type, "--epochs", "2", "--iters-per-epoch",
+           str(iters), "--num-workers", "4"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(p.stdout[-2000:], p.stderr[-2000:])
+        return None
+    for root, _, fs in os.walk(out):
+        if "pgl_log.json" in fs:
+            with open(os.path.join(root, "pgl_log.json")) as f:
+                return json.load(f)[-1]["data_wait_fraction"]
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
@@ -124,10 +143,29 @@ def main() -> None:
     t_pgl = _timeit(lambda: pgl.train_step(batch), steps, warmup, device)
     mem_pgl = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
 
+    # the real data path: loader workers read regions from blosc2, views are made on the device
+    from nnunet_pgl import make_view_pair
+    from nnunet_pgl.pretraining.loader import RegionDataset, TimedLoader
+    files = [c["data_file"] for c in pgl._case_lists()]
+    pairs_per_s: Dict[str, float] = {}
+    for workers in (0, 2, 4):
+        loader = TimedLoader(RegionDataset(files, region, bs, seed=0), workers, pin_memory=device.type == "cuda")
+        n = 3 * max(workers, 1) + 5
+        next(loader)  # start the workers
+        t0 = time.perf_counter()
+        for _ in range(n):
+            b = next(loader)
+            make_view_pair(b["data"].to(device, non_blocking=True), patch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        pairs_per_s[str(workers)] = n * bs / (time.perf_counter() - t0)
+        loader.close()
     med_sup, med_pgl = statistics.median(t_sup), statistics.median(t_pgl)
     results.update(supervised_step_ms=med_sup, pgl_step_ms=med_pgl, step_ratio=med_pgl / med_sup,
                    supervised_peak_mem_gib=mem_sup, pgl_peak_mem_gib=mem_pgl,
-                   memory_ratio=(mem_pgl / mem_sup) if mem_sup else None, data_wait_fraction=None,
+                   memory_ratio=(mem_pgl / mem_sup) if mem_sup else None,
+                   data_wait_fraction=_short_run_wait(args, name, device), loader_pairs_per_s=pairs_per_s,
+                   pgl_pairs_per_s_needed=bs / (med_pgl / 1000),
                    levels=pgl.online.loss_levels, threads=torch.get_num_threads())
     print(f"device {results['device']}, patch {patch}, batch {bs} (pairs), loss levels {pgl.online.loss_levels}, "
           f"{steps} timed steps")
@@ -137,6 +175,10 @@ def main() -> None:
     print(f"| pgl_pretrain | {med_pgl:.1f} | {mem_pgl if mem_pgl is None else round(mem_pgl, 2)} |")
     print(f"| ratio | {med_pgl / med_sup:.2f}x | "
           f"{'n/a' if not mem_sup else '%.2fx' % (mem_pgl / mem_sup)} |")
+    print(f"loader + on-device views, pairs/s by workers: "
+          + ", ".join(f"{k}: {v:.1f}" for k, v in pairs_per_s.items())
+          + f" (the PGL step consumes {bs / (med_pgl / 1000):.1f} pairs/s)")
+    print(f"data-wait fraction of a short real pgl_pretrain run: {results['data_wait_fraction']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

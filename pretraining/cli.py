@@ -152,6 +152,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"Unlabeled: {len(cases)} cases ready from {len(cfg.unlabeled_dirs)} folder(s)")
 
     os.makedirs(out, exist_ok=True)
+    from nnunet_pgl.pretraining.lock import RunLock, RunLockedError
+    try:  # held for this process's life (released at exit); the trainer re-takes it in the same process
+        lock = RunLock(out).acquire()
+    except RunLockedError as e:
+        _fail(str(e))
+    if lock.stale:
+        print(f"Recovered a stale lock of a dead run (host {lock.stale.get('host')}, pid {lock.stale.get('pid')})")
     cfg_path = join(out, CONFIG_FILE)
     cfg.save(cfg_path)
     os.environ[CONFIG_ENV] = cfg_path

@@ -42,9 +42,15 @@ def read_region(arr: "blosc2.NDArray | np.ndarray", start: Sequence[int], size: 
 
 
 class RegionDataset(IterableDataset):
-    """Infinite stream of region batches drawn uniformly from ``data_files`` (blosc2 ``(C, Z, Y, X)`` arrays)."""
+    """Infinite stream of region batches drawn uniformly from ``data_files`` (blosc2 ``(C, Z, Y, X)`` arrays).
 
-    def __init__(self, data_files: List[str], region_size: Sequence[int], batch_size: int, seed: int):
+    Batch ``k`` (counted from ``start_batch``, e.g. the global iteration a resumed run starts at) depends only on
+    ``(seed, k)``, whatever the number of workers: a run resumed at iteration ``k`` sees the batches an
+    uninterrupted run would.
+    """
+
+    def __init__(self, data_files: List[str], region_size: Sequence[int], batch_size: int, seed: int,
+                 start_batch: int = 0):
         super().__init__()
         if not data_files:
             raise ValueError("no cases to pretrain on: the dataset has no preprocessed images and no unlabeled "
@@ -53,6 +59,7 @@ class RegionDataset(IterableDataset):
         self.region_size = tuple(int(r) for r in region_size)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.start_batch = int(start_batch)
         self._open: Dict[str, "blosc2.NDArray"] = {}
 
     def _array(self, path: str) -> "blosc2.NDArray":
@@ -75,10 +82,12 @@ class RegionDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
         info = get_worker_info()
-        wid = 0 if info is None else info.id
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         blosc2.set_nthreads(1)
-        rng = np.random.default_rng([self.seed, wid])
-        while True:
+        idx = self.start_batch + wid
+        while True:  # worker w makes batches w, w + W, ...; the DataLoader yields them in index order
+            rng = np.random.default_rng([self.seed, idx])
+            idx += nw
             items = [self.sample(rng) for _ in range(self.batch_size)]
             yield {"data": torch.from_numpy(np.stack([i[0] for i in items])),
                    "offset": torch.from_numpy(np.stack([i[1] for i in items]))}

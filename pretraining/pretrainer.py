@@ -41,6 +41,7 @@ from nnunet_pgl import (IntensityAugmentation, PGLBranch, default_levels, ema_up
                         make_target, make_view_pair, pgl_loss, tau_schedule, unwrap_network, warmup_cosine_lr)
 from nnunet_pgl.pretraining.config import CONFIG_FILE, PretrainConfig, config_from_env
 from nnunet_pgl.pretraining.loader import RegionDataset, TimedLoader, region_size_for
+from nnunet_pgl.pretraining.lock import RunLock
 from nnunet_pgl.pretraining.meta import build_meta, file_hash
 
 
@@ -93,6 +94,7 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
             self.batch_size = cfg.batch_size // world + (1 if self.local_rank < cfg.batch_size % world else 0)
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
+        torch.manual_seed(cfg.seed)  # same initial weights and heads for the same --seed (resume determinism)
         net = self.build_network_architecture(self.plans_manager, self.configuration_manager,
                                               self.num_input_channels, self.label_manager.num_segmentation_heads,
                                               self.enable_deep_supervision).to(self.device)
@@ -178,7 +180,7 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         region = region_size_for(self.configuration_manager.patch_size, cfg.scale_range[1])
         workers = cfg.num_workers if cfg.num_workers is not None else min(4, get_allowed_n_proc_DA())
         ds = RegionDataset([c["data_file"] for c in self.pretrain_cases], region, self.batch_size,
-                           cfg.seed + 7919 * self.local_rank + 104729 * self.current_epoch)
+                           cfg.seed + 7919 * self.local_rank, start_batch=self.current_epoch * self.num_iterations_per_epoch)
         loader = TimedLoader(ds, workers, pin_memory=self.device.type == "cuda")
         self.print_to_log_file(f"Region loader: regions {region}, batch {self.batch_size} pairs, {workers} workers")
         return loader, None
@@ -188,6 +190,7 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
             self.initialize()
         maybe_mkdir_p(self.output_folder)
         if self.local_rank == 0:
+            self._lock = RunLock(self.output_folder).acquire()  # pgl_pretrain took it already; same pid: re-taken
             self.pgl_config.save(join(self.output_folder, CONFIG_FILE))
         super().on_train_start()
 
@@ -220,6 +223,8 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
                               cfg.warmup_epochs * self.num_iterations_per_epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        # per-step seed: views and intensity draws of step k are the same in a resumed and an uninterrupted run
+        self.view_generator.manual_seed(hash((cfg.seed, self.local_rank, step)) & 0xFFFF_FFFF_FFFF)
         region = batch["data"].to(self.device, non_blocking=True)
         offset = batch["offset"].to(self.device, non_blocking=True)
         patch = self.configuration_manager.patch_size
@@ -353,6 +358,8 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         super().on_train_end()
         if self.dataloader_train is not None:
             self.dataloader_train.close()
+        if getattr(self, "_lock", None) is not None:
+            self._lock.release()
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file("Pretraining has no validation. Fine-tune with: nnUNetv2_train "
@@ -421,9 +428,6 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         self.pgl_log = list(ckpt.get("pgl_log", []))
         self.current_epoch = ckpt["current_epoch"]
         self.bad_steps_total = ckpt.get("bad_steps_total", 0)
-        # a fresh stream of views for the resumed epochs (seeded by epoch, see get_dataloaders)
-        seed = self.pgl_config.seed + 1000 * self.local_rank + 7 * self.current_epoch
-        self.view_generator = torch.Generator(device=self.device).manual_seed(seed)
 
 
 class nnUNetPretrainerBYOL(nnUNetPretrainerPGL):

@@ -97,3 +97,24 @@ def test_bad_dataset_messages(planned):
     p = subprocess.run([f"{BIN}/pgl_pretrain", "-d", "991", "-c", "3d_nope", "-device", "cpu"], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 2 and "configuration '3d_nope'" in p.stderr
+
+
+def test_resume_is_deterministic(planned, tmp_path):
+    """Fixed --seed: 1 epoch + --c to 2 epochs reaches the same weights as 2 uninterrupted epochs (CPU)."""
+    env, _, _ = planned
+    args = ["-d", "991", "-device", "cpu", "--iters-per-epoch", "2", "--seed", "7", "--num-workers", "2",
+            "--method", "byol"]
+    env_a = dict(env, nnUNet_results=str(tmp_path / "a"))
+    env_b = dict(env, nnUNet_results=str(tmp_path / "b"))
+    run([f"{BIN}/pgl_pretrain", *args, "--epochs", "2"], env_a)
+    run([f"{BIN}/pgl_pretrain", *args, "--epochs", "1"], env_b)
+    run([f"{BIN}/pgl_pretrain", *args, "--epochs", "2", "--c"], env_b)
+    sub = os.path.join(DATASET, "nnUNetPretrainerBYOL__nnUNetPlans__3d_fullres", "fold_all", "checkpoint_final.pth")
+    wa = torch.load(tmp_path / "a" / sub, weights_only=True)
+    wb = torch.load(tmp_path / "b" / sub, weights_only=True)
+    assert wa["current_epoch"] == wb["current_epoch"] == 2
+    for k, v in wa["network_weights"].items():
+        assert torch.equal(v, wb["network_weights"][k]), k
+    for k, v in wa["pgl_target"].items():
+        assert torch.equal(v, wb["pgl_target"][k]), k
+    assert not os.path.exists(tmp_path / "a" / os.path.dirname(sub) / "pgl_pretrain.lock")  # released at the end

@@ -100,8 +100,9 @@ def test_stock_train_finds_pgl_trainer_in_clean_shell_and_loads_weights(pretrain
 
 
 @pytest.mark.slow
-def test_predict_with_pgl_trainer(pretrained, tmp_path):
-    env, _, root = pretrained
+def test_predict_with_pgl_trainer(pretrained, planned, tmp_path):
+    env, _, _ = pretrained
+    root = planned[2]
     env = clean_env(env)
     fold0 = os.path.join(env["nnUNet_results"], DATASET, "nnUNetTrainerPGL_smoke__nnUNetPlans__3d_fullres", "fold_0")
     if not os.path.isfile(os.path.join(fold0, "checkpoint_final.pth")):

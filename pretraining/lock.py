@@ -1,0 +1,89 @@
+"""One run per output folder: a lock file holding the owner's host and pid, recovered when the owner is dead."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from typing import Any, Dict, Optional
+
+LOCK_NAME = "pgl_pretrain.lock"
+
+
+class RunLockedError(RuntimeError):
+    """Another live run holds the output folder."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read(path: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class RunLock:
+    """``with RunLock(folder): ...`` — refuse if a live process (on this host) holds ``folder``.
+
+    A lock whose pid is dead on this host is stale and taken over (logged by the caller through ``stale``). A lock
+    from another host cannot be checked: it is honoured, and the message says how to remove it if that run is gone.
+    """
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, LOCK_NAME)
+        self.stale: Optional[Dict[str, Any]] = None
+        self._held = False
+
+    def acquire(self) -> "RunLock":
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _read(self.path)
+                if owner is None:  # half-written by a process killed between create and write: stale
+                    self.stale = {"host": "?", "pid": "?"}
+                elif owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
+                    self.stale = owner
+                elif owner.get("host") == me["host"] and int(owner.get("pid", -1)) in (me["pid"], os.getppid()):
+                    self.stale = None  # ours: pgl_pretrain took it, its trainer (same process or DDP child) re-takes
+                else:
+                    raise RunLockedError(
+                        f"another pgl_pretrain run (host {owner.get('host')}, pid {owner.get('pid')}, started "
+                        f"{owner.get('started')}) is using {os.path.dirname(self.path)}. Wait for it to finish, or "
+                        f"stop it; if it is gone (e.g. its node died), delete {self.path} and rerun with --c") from None
+                try:
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self._held = True
+            return self
+        raise RunLockedError(f"could not take the lock {self.path} (it keeps reappearing); is another run starting?")
+
+    def release(self) -> None:
+        if self._held:
+            owner = _read(self.path)
+            if owner is not None and owner.get("pid") == os.getpid():
+                os.remove(self.path)
+            self._held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
