@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Feature levels of the loss: 0 = full resolution ... n-1 = bottleneck. Default: levels "
                         "with stride >= 2 in every pooled axis (level 0 costs ~2.4x time, ~2.6x memory).")
     p.add_argument("--lr", type=float, default=None, help="Peak learning rate (default 1e-2, SGD nesterov 0.99).")
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="Write checkpoint_latest.pth every N epochs (default 5): what --c resumes from after a "
+                        "kill or preemption. Lower it on preemptible nodes.")
     p.add_argument("--num-workers", type=int, default=None,
                    help="CPU loader processes (default: nnUNet_n_proc_DA rule, at most 4; regions are cheap to "
                         "read, views are made on the GPU).")
@@ -119,7 +122,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     cfg.method = method
     for name, val in (("epochs", args.epochs), ("iters_per_epoch", args.iters_per_epoch),
                       ("batch_size", args.batch_size), ("levels", args.levels), ("initial_lr", args.lr),
-                      ("num_workers", args.num_workers), ("seed", args.seed), ("exclude_fold", args.exclude_fold)):
+                      ("num_workers", args.num_workers), ("seed", args.seed), ("exclude_fold", args.exclude_fold),
+                      ("save_every", args.save_every)):
         if val is not None:
             setattr(cfg, name, val)
     if args.no_labeled_images:

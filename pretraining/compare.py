@@ -584,6 +584,10 @@ def label_names(dataset_json: dict) -> Dict[str, str]:
     return out
 
 
+def _name(lab: str, names: Dict[str, str]) -> str:
+    return f"**{OVERALL}**" if lab == OVERALL else f"{names.get(lab, lab)} ({lab})"
+
+
 def _frac_label(f: float) -> str:
     return f"{f * 100:g} % labeled"
 
@@ -617,9 +621,11 @@ def leakage_lines(guard: List[Dict[str, Any]], dataset: str, configuration: str,
                      f"--exclude-fold {fold}`, then fine-tune fold {fold} with `nnUNet_pgl_weights` pointing to it)")
             lines.append(line)
     if checked_any and not any(ln.startswith("**LEAKAGE") for ln in lines):
-        n = sum(r["n_val"] for e in guard if not e["error"] for r in e["folds"].values())
-        lines.append(f"**Leakage guard: no leakage** — none of the validation cases ({n} case-checks over "
-                     f"{len([e for e in guard if not e['error']])} checkpoint(s)) was seen in pretraining.")
+        n_by_fold = {k: r["n_val"] for e in guard if not e["error"] for k, r in e["folds"].items()}
+        ckpts = [f"`{e['checkpoint']}`" for e in guard if not e["error"]]
+        lines.append(f"**Leakage guard: no leakage** — none of the {sum(n_by_fold.values())} validation cases of "
+                     f"fold{'s' if len(n_by_fold) > 1 else ''} {' '.join(map(str, sorted(n_by_fold)))} was seen in "
+                     f"pretraining ({', '.join(ckpts)}).")
     for e in guard:
         unchecked = sorted({c for r in e["folds"].values() for c in r["unchecked"]})
         if unchecked:
@@ -639,11 +645,12 @@ def render_markdown(result: Dict[str, Any]) -> str:
     L += [f"`{result['command']}`  ", f"configuration `{result['configuration']}`, plans `{result['plans']}`, folds "
           f"{' '.join(map(str, result['folds']))}; {result['created']}; nnunet_pgl {result['versions']['nnunet_pgl']}, "
           f"nnunetv2 {result['versions']['nnunetv2']}", ""]
-    L += [f"Δ = {a} − {b} per validation case, paired by case id across folds (positive: the first arm is better). "
-          f"95 % CI: percentile bootstrap of the mean Δ ({result['n_boot']} resamples, seed {result['seed']}). p: "
-          "two-sided Wilcoxon signed-rank, not adjusted for the number of classes. W/L/T: cases where the first arm's "
-          "Dice is higher / lower / equal. Dice and IoU: nnU-Net's means (NaN = class absent in reference and "
-          "prediction, left out); FP/FN: mean voxel counts per case.", ""]
+    L += [f"A = `{a}`, B = `{b}`. Δ = A − B per validation case, paired by case id across folds (positive: A is "
+          f"better); Dice A/B and n: the means over those pairs. 95 % CI: percentile bootstrap of the mean Δ "
+          f"({result['n_boot']} resamples, seed {result['seed']}). p: two-sided Wilcoxon signed-rank, not adjusted "
+          "for the number of classes. W/L/T: cases where A's Dice is higher / lower / equal. A case whose Dice is NaN "
+          "for a class (class absent in reference and prediction) is left out of that class, as in nnU-Net's means; "
+          "a case's foreground value is the mean of its other classes. FP/FN: mean voxel counts per case.", ""]
     for fr in result["fractions"]:
         c = fr.get("comparison")
         ta, tb = fr["trainers"]
@@ -652,21 +659,20 @@ def render_markdown(result: Dict[str, Any]) -> str:
             L += [title, "", f"No paired results yet ({fr['status']}).", ""]
             continue
         L += [title + f" — {c['n_cases']} paired cases", ""]
-        L += ["| class | n | Dice A | Dice B | mean Δ Dice | 95 % CI | Wilcoxon p | W/L/T |", "|---|---|---|---|---|---|---|---|"]
+        L += ["| class | n | Dice A | Dice B | mean Δ Dice | 95 % CI | Wilcoxon p | W/L/T |",
+              "|---|---|---|---|---|---|---|---|"]
         for lab in [OVERALL] + c["labels"]:
-            e = c["classes"][lab]
-            s = e["Dice"]
-            nm = f"**{OVERALL}**" if lab == OVERALL else f"{names.get(lab, lab)} ({lab})"
-            L.append(f"| {nm} | {s['n']} | {_f(e['mean_a']['Dice'])} | {_f(e['mean_b']['Dice'])} | "
+            s = c["classes"][lab]["Dice"]
+            L.append(f"| {_name(lab, names)} | {s['n']} | {_f(s['mean_a'])} | {_f(s['mean_b'])} | "
                      f"{_f(s['mean_diff'], sign=True)} | [{_f(s['ci_low'], sign=True)}, {_f(s['ci_high'], sign=True)}] "
                      f"| {_p(s['p'])} | {s['wins']}/{s['losses']}/{s['ties']} |")
-        L += ["", "| class | IoU A | IoU B | mean Δ IoU | FP A | FP B | FN A | FN B |", "|---|---|---|---|---|---|---|---|"]
+        L += ["", f"nnU-Net's means over the {c['n_cases']} cases (as its summary.json computes them):", "",
+              "| class | Dice A | Dice B | IoU A | IoU B | FP A | FP B | FN A | FN B |",
+              "|---|---|---|---|---|---|---|---|---|"]
         for lab in [OVERALL] + c["labels"]:
-            e = c["classes"][lab]
-            nm = f"**{OVERALL}**" if lab == OVERALL else f"{names.get(lab, lab)} ({lab})"
-            L.append(f"| {nm} | {_f(e['mean_a']['IoU'])} | {_f(e['mean_b']['IoU'])} | "
-                     f"{_f(e['IoU']['mean_diff'], sign=True)} | {_f(e['mean_a']['FP'], 1)} | {_f(e['mean_b']['FP'], 1)} "
-                     f"| {_f(e['mean_a']['FN'], 1)} | {_f(e['mean_b']['FN'], 1)} |")
+            ma, mb = c["classes"][lab]["mean_a"], c["classes"][lab]["mean_b"]
+            L.append(f"| {_name(lab, names)} | {_f(ma['Dice'])} | {_f(mb['Dice'])} | {_f(ma['IoU'])} | {_f(mb['IoU'])} "
+                     f"| {_f(ma['FP'], 1)} | {_f(mb['FP'], 1)} | {_f(ma['FN'], 1)} | {_f(mb['FN'], 1)} |")
         L += ["", "| fold | n | foreground Dice A | foreground Dice B | Δ |", "|---|---|---|---|---|"]
         for pf in c["per_fold"]:
             L.append(f"| {pf['fold']} | {pf['n']} | {_f(pf['dice_a'])} | {_f(pf['dice_b'])} | {_f(pf['diff'], sign=True)} |")
@@ -686,9 +692,8 @@ def render_markdown(result: Dict[str, Any]) -> str:
               f"| labeled | n | Dice {a} | Dice {b} | mean Δ | 95 % CI | Wilcoxon p | W/L/T |",
               "|---|---|---|---|---|---|---|---|"]
         for fr in done:
-            e = fr["comparison"]["classes"][OVERALL]
-            s = e["Dice"]
-            L.append(f"| {fr['fraction'] * 100:g} % | {s['n']} | {_f(e['mean_a']['Dice'])} | {_f(e['mean_b']['Dice'])} "
+            s = fr["comparison"]["classes"][OVERALL]["Dice"]
+            L.append(f"| {fr['fraction'] * 100:g} % | {s['n']} | {_f(s['mean_a'])} | {_f(s['mean_b'])} "
                      f"| {_f(s['mean_diff'], sign=True)} | [{_f(s['ci_low'], sign=True)}, {_f(s['ci_high'], sign=True)}] "
                      f"| {_p(s['p'])} | {s['wins']}/{s['losses']}/{s['ties']} |")
         L.append("")
@@ -739,8 +744,9 @@ def plot_figure(result: Dict[str, Any], path: str) -> None:
     ax.set_xticks(range(len(labs)))
     ax.set_xticklabels([OVERALL if lab == OVERALL else result["label_names"].get(lab, lab) for lab in labs],
                        rotation=30, ha="right")
-    ax.set_ylabel(f"Dice: {a} − {b}")
-    ax.set_title(f"paired differences ({_frac_label(main['fraction'])}, n={c['n_cases']})")
+    ax.set_ylabel("Δ Dice = A − B")
+    ax.set_title(f"A − B per case ({_frac_label(main['fraction'])}, n={c['n_cases']})\nA = {main['trainers'][0]}\n"
+                 f"B = {main['trainers'][1]}", fontsize=9)
     colors = {a: "tab:blue", b: "tab:orange"}
     for arm, curves in main["curves"].items():
         col = colors[a] if arm == main["trainers"][0] else colors[b]
@@ -917,7 +923,6 @@ def compare(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNe
                 or old.get("plans") != plans) and verbose:
         print(f"[pgl_compare] note: replacing {stem}.json, the report of {' vs '.join(old.get('pair', []))} "
               f"({old.get('configuration')}, {old.get('plans')}); use -o to keep comparisons apart", flush=True)
-    import nnunetv2  # noqa: F401
     from nnunet_pgl.pretraining.meta import _dist_version
     result: Dict[str, Any] = {
         "dataset": ds, "configuration": configuration, "plans": plans, "folds": list(folds), "pair": list(pair),

@@ -247,16 +247,29 @@ class StageFailed(RuntimeError):
         self.stage, self.returncode, self.log = stage, returncode, log
 
 
-def run_stage(stage: str, cmd: Sequence[str], env: Dict[str, str], log: str) -> float:
-    """Run ``cmd`` with stdout and stderr streamed into ``log``; return its wall time or raise StageFailed."""
-    t0 = time.perf_counter()
+def _children_cpu_s() -> float:
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return float("nan")
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_stage(stage: str, cmd: Sequence[str], env: Dict[str, str], log: str) -> Tuple[float, float]:
+    """Run ``cmd`` with stdout and stderr streamed into ``log``; return (wall s, CPU s) or raise StageFailed.
+
+    The CPU seconds (all cores, the command and the processes it waited for) tell a busy machine apart from a slow
+    stage: on an idle 2-core machine wall ≈ CPU / 2 for the training stages.
+    """
+    t0, c0 = time.perf_counter(), _children_cpu_s()
     with open(log, "w") as f:
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
         rc = subprocess.call(list(cmd), env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     if rc != 0:
         raise StageFailed(stage, rc, log)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _children_cpu_s() - c0
 
 
 def tail(path: str, lines: int = 40) -> str:
@@ -301,12 +314,15 @@ def _duration(s: float) -> str:
     return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {s % 60:04.1f} s"
 
 
-def time_table(times: Dict[str, float]) -> str:
-    """Markdown table of the stage wall times (in STAGES order) and their total."""
-    rows = ["| stage | time | seconds |", "|---|---|---|"]
+def time_table(times: Dict[str, float], cpu: Optional[Dict[str, float]] = None) -> str:
+    """Markdown table of the stage wall times (in STAGES order) and their total, with CPU seconds if given."""
+    cpu = cpu or {}
+    rows = ["| stage | wall time | wall s | CPU s |", "|---|---|---|---|"]
     for stage in [s for s in STAGES if s in times] + ["total"]:
-        t = times["total"] if stage == "total" else times[stage]
-        rows.append(f"| {STAGE_TITLES[stage]} | {_duration(t)} | {t:.1f} |")
+        t = times[stage]
+        c = sum(v for v in cpu.values()) if stage == "total" and cpu else cpu.get(stage)
+        rows.append(f"| {STAGE_TITLES[stage]} | {_duration(t)} | {t:.1f} | "
+                    f"{'n/a' if c is None or math.isnan(c) else f'{c:.0f}'} |")
     return "\n".join(rows)
 
 
@@ -323,7 +339,8 @@ def git_revision() -> str:
 
 
 def render_report(cfg: DemoConfig, dice: Dict[str, Dict[str, float]], times: Dict[str, float],
-                  labels: Dict[str, int], commands: Dict[str, List[str]], revision: str) -> str:
+                  cpu: Dict[str, float], labels: Dict[str, int], commands: Dict[str, List[str]],
+                  revision: str) -> str:
     """The Markdown report: configuration, Dice table, time table and the exact commands."""
     lines = [
         "# pgl_demo report", "",
@@ -335,7 +352,9 @@ def render_report(cfg: DemoConfig, dice: Dict[str, Dict[str, float]], times: Dic
         dice_table(dice["pgl"], dice["scratch"], labels), "",
         "PGL: fine-tuned from the pgl_pretrain checkpoint; Scratch: random init, same schedule. Fold 0 validates on "
         "a few cases that pretraining did not see (--exclude-fold 0); small differences are noise.", "",
-        "## Time per stage", "", time_table(times), "",
+        "## Time per stage", "", time_table(times, cpu), "",
+        "CPU s: processor seconds over all cores. Wall time well above CPU s / cores means that the machine was "
+        "busy with other work.", "",
         "## Commands", "",
         "Environment: nnUNet_raw, nnUNet_preprocessed and nnUNet_results in the demo folder"
         + (", nnUNet_def_n_proc=1, nnUNet_n_proc_DA=0 (not for planning)" if cfg.device == "cpu" else "") + ".", "",
@@ -373,6 +392,7 @@ def main(argv: Optional[List[str]] = None) -> None:
           + (f" (your ${', $'.join(users)} {'is' if len(users) == 1 else 'are'} ignored)" if users else ""))
 
     times: Dict[str, float] = {}
+    cpu: Dict[str, float] = {}
     t_start = time.perf_counter()
     n = len(STAGES)
 
@@ -381,13 +401,13 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     # 1. data (in this process; short)
     announce(1, "dataset", f"{cfg.cases} + {cfg.unlabeled} phantoms")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     from nnunet_pgl.pretraining.synthetic import LABELS, make_dataset
     made = make_dataset(env["nnUNet_raw"], dataset_id=DATASET_ID, name=DATASET_NAME, num_train=cfg.cases,
                         num_unlabeled=cfg.unlabeled, unlabeled_dir=os.path.join(cfg.out, "unlabeled"),
                         shape=tuple(cfg.shape), spacing=tuple(cfg.spacing), seed=cfg.seed,
                         unlabeled_formats=(".nii.gz", ".nrrd"))
-    times["dataset"] = time.perf_counter() - t0
+    times["dataset"], cpu["dataset"] = time.perf_counter() - t0, time.process_time() - c0
     with open(os.path.join(logs, "dataset.log"), "w") as f:
         json.dump({"config": asdict(cfg), "written": made}, f, indent=2)
     print(f"{times['dataset']:.1f} s")
@@ -402,7 +422,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         announce(i, stage, what[stage])
         log = os.path.join(logs, f"{stage}.log")
         try:
-            times[stage] = run_stage(stage, commands[stage], stage_env(stage, env), log)
+            times[stage], cpu[stage] = run_stage(stage, commands[stage], stage_env(stage, env), log)
         except StageFailed as e:
             print("FAILED")
             print(f"--- last lines of {log} ---\n{tail(log)}--- end of {log} ---", file=sys.stderr)
@@ -417,11 +437,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"{_duration(times[stage])}{extra}")
     times["total"] = time.perf_counter() - t_start
 
-    report = render_report(cfg, dice, times, LABELS, commands, revision)
+    report = render_report(cfg, dice, times, cpu, LABELS, commands, revision)
     with open(os.path.join(cfg.out, REPORT_MD), "w") as f:
         f.write(report)
     with open(os.path.join(cfg.out, REPORT_JSON), "w") as f:
         json.dump({"config": asdict(cfg), "revision": revision, "labels": LABELS, "dice": dice, "times_s": times,
+                   "cpu_s": cpu,
                    "commands": commands,
                    "summary_files": {"pgl": summary_path(env["nnUNet_results"], cfg.pgl_trainer),
                                      "scratch": summary_path(env["nnUNet_results"], cfg.scratch_trainer)}},
@@ -429,7 +450,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print()
     print(dice_table(dice["pgl"], dice["scratch"], LABELS))
     print()
-    print(time_table(times))
+    print(time_table(times, cpu))
     print()
     print(f"Report: {os.path.join(cfg.out, REPORT_MD)} (raw numbers: {REPORT_JSON}; logs: {logs})")
 

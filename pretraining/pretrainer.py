@@ -342,7 +342,27 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         if self.local_rank == 0:
             save_json(self.pgl_log, join(self.output_folder, "pgl_log.json"))
             plot_pgl_progress(self.pgl_log, join(self.output_folder, "progress.png"))
+            if (self.current_epoch + 1) % self.save_every == 0 or self.current_epoch == self.num_epochs - 1:
+                self.save_picture()
         self.current_epoch += 1
+
+    def save_picture(self) -> None:
+        """``pictures/epoch_XXXX.png`` for the first pretraining case (see :mod:`.pictures`); never fatal."""
+        try:
+            import blosc2
+            from nnunet_pgl.pretraining.loader import read_region
+            from nnunet_pgl.pretraining.pictures import feature_picture
+            case = self.pretrain_cases[0]
+            arr = blosc2.open(urlpath=case["data_file"], mode="r", mmap_mode="r")
+            size = region_size_for(self.configuration_manager.patch_size, self.pgl_config.scale_range[1])
+            start = [(n - r) // 2 for n, r in zip(arr.shape[1:], size)]
+            region = torch.from_numpy(read_region(arr, start, size))[None].to(self.device)
+            levels = self.online.loss_levels or [len(self.online.features.strides) - 1]
+            feature_picture(self.online, region, self.configuration_manager.patch_size, levels,
+                            join(self.output_folder, "pictures", f"epoch_{self.current_epoch:04d}.png"),
+                            f"{case['case_id']}, epoch {self.current_epoch}")
+        except Exception as e:  # a picture must never stop a pretraining run
+            self.print_to_log_file(f"WARNING: could not write the feature picture: {type(e).__name__}: {e}")
 
     def _ranks_in_sync(self) -> bool:
         """All-gather a weighted checksum of the online weights: True if every rank holds the same values."""

@@ -1,10 +1,18 @@
 """Synthetic abdominal-CT-like phantoms in nnU-Net's raw dataset layout (for tests and ``pgl_demo``).
 
-Each case is a body (an elliptic cylinder of soft tissue, ~40 HU, in a subcutaneous fat ring, ~-100 HU, in air,
--1000 HU) holding organ-like structures of randomised shape, size, contrast and position: a "liver" (large, 60 HU,
-label 1), a "kidney" pair (~150 HU after contrast, label 2), a "spleen" (small, 45–70 HU, label 3), and a spine
-(bone, ~400 HU, unlabeled distractor). Gaussian noise and a mild blur mimic a scanner; spacing is anisotropic
-(thick slices). Unlabeled volumes are drawn from the same distribution.
+Each case is a transverse section of an abdomen in the portal-venous phase, in HU: air (-1000) around a body (an
+elliptic cylinder) of subcutaneous fat (~-100) holding soft tissue (25–45, with a smooth low-frequency texture:
+bowel, muscle), a vertebral body (bone, 300–500, unlabelled) with the aorta in front of it (150–250, an unlabelled
+distractor as bright as the kidneys), and organ-like structures of randomised shape, size, contrast and position:
+a "liver" (large, 90–130, patient's right = image left, label 1), a "kidney" on each side of the spine (150–220,
+in a rim of perirenal fat, lower slices, label 2) and a "spleen" (95–140, posterolateral left, upper slices,
+label 3). Organs are drawn kidneys → spleen → liver, each only where no earlier organ is, so they abut without
+overlapping. A few small bright blobs (vessels, lesions; unlabelled), a mild in-plane blur and Gaussian noise
+(σ 8–20 HU) mimic a scanner; spacing is anisotropic (thick slices). Unlabeled volumes come from the same
+distribution.
+
+Sizes are relative to the body, so the phantom keeps its anatomy at any ``shape``/``spacing``; structures are at
+least ~2.5 voxels across in every axis.
 """
 from __future__ import annotations
 
@@ -30,41 +38,65 @@ def _ellipsoid(grid: Tuple[np.ndarray, ...], centre: Sequence[float], radii: Seq
     return d <= 1.0
 
 
+def _smooth_texture(grid: Tuple[np.ndarray, ...], ext: Sequence[float], amplitude: float,
+                    rng: np.random.Generator, waves: int = 4) -> np.ndarray:
+    """A smooth random field (sum of a few plane waves of 1–3 periods per image), zero mean, ~``amplitude`` HU."""
+    out = np.zeros(grid[0].shape, dtype=np.float32)
+    for _ in range(waves):
+        k = rng.uniform(1, 3, size=3) * 2 * np.pi / np.asarray(ext) * rng.choice([-1, 1], size=3)
+        out += np.cos(k[0] * grid[0] + k[1] * grid[1] + k[2] * grid[2] + rng.uniform(0, 2 * np.pi))
+    return out * (amplitude / np.sqrt(waves / 2))
+
+
+#: name, relative centre (z of the volume; y, x of the body's half axes from its centre), relative radii (z of the
+#: volume; y, x of the body's full axes), wobble, HU range. Image x grows towards the patient's left.
+ORGANS = (
+    ("kidney", (0.62, 0.42, -0.36), (0.22, 0.14, 0.09), 0.1, (150, 220)),
+    ("kidney", (0.62, 0.42, 0.36), (0.22, 0.14, 0.09), 0.1, (150, 220)),
+    ("spleen", (0.35, 0.15, 0.62), (0.25, 0.2, 0.12), 0.15, (95, 140)),
+    ("liver", (0.45, -0.1, -0.42), (0.45, 0.42, 0.32), 0.2, (90, 130)),
+)
+
+
 def make_case(shape: Sequence[int] = (32, 64, 64), spacing: Sequence[float] = (2.5, 1.0, 1.0),
               rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, np.ndarray]:
     """One phantom: ``(image float32 HU, labels uint8)``, both ``(Z, Y, X)``."""
     rng = rng or np.random.default_rng()
     zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)], indexing="ij")
+    grid = (zz, yy, xx)
     ext = [n * s for n, s in zip(shape, spacing)]
-    cy, cx = ext[1] / 2 + rng.uniform(-3, 3), ext[2] / 2 + rng.uniform(-3, 3)
+    cy, cx = ext[1] / 2 + rng.uniform(-0.05, 0.05) * ext[1], ext[2] / 2 + rng.uniform(-0.05, 0.05) * ext[2]
     ry, rx = ext[1] * rng.uniform(0.36, 0.44), ext[2] * rng.uniform(0.42, 0.48)
     img = np.full(shape, -1000.0, dtype=np.float32)
     lab = np.zeros(shape, dtype=np.uint8)
     body_d = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-    img[body_d <= 1.0] = -100.0
-    img[body_d <= 0.8] = 40.0
-    grid = (zz, yy, xx)
-    # spine: a bone cylinder at the back
-    spine = ((yy - (cy + 0.65 * ry)) / 6.0) ** 2 + ((xx - cx) / 7.0) ** 2 <= 1.0
-    img[spine] = 400.0
-    organs = [
-        ("liver", (0.5, -0.1, -0.45), (0.45, 0.45, 0.35), 0.2, (55, 70)),
-        ("spleen", (0.5, 0.15, 0.5), (0.25, 0.22, 0.18), 0.15, (40, 75)),
-        ("kidney", (0.5, 0.35, -0.3), (0.22, 0.14, 0.1), 0.1, (130, 180)),
-        ("kidney", (0.5, 0.35, 0.3), (0.22, 0.14, 0.1), 0.1, (130, 180)),
-    ]
-    for name, rel_c, rel_r, wob, hu in organs:
-        c = (ext[0] * rel_c[0] + rng.uniform(-0.08, 0.08) * ext[0], cy + rel_c[1] * ry + rng.uniform(-3, 3),
-             cx + rel_c[2] * rx + rng.uniform(-3, 3))
-        r = [max(rr * e * rng.uniform(0.8, 1.2), 2.5 * s) for rr, e, s in
+    inner = body_d <= rng.uniform(0.72, 0.85)                     # inside the subcutaneous fat
+    img[body_d <= 1.0] = rng.uniform(-120, -80)
+    img[inner] = rng.uniform(25, 45) + _smooth_texture(grid, ext, rng.uniform(5, 12), rng)[inner]
+    # vertebral body at the back, the aorta in front of it (bright, unlabelled: shape and place tell it apart)
+    sy, sx = cy + 0.62 * ry, cx + rng.uniform(-0.03, 0.03) * rx
+    spine = ((yy - sy) / (0.17 * ry)) ** 2 + ((xx - sx) / (0.15 * rx)) ** 2 <= 1.0
+    img[spine] = rng.uniform(300, 500)
+    ar = rng.uniform(0.06, 0.08) * rx
+    aorta = ((yy - (sy - 0.17 * ry - 1.3 * ar)) ** 2 + (xx - (sx + 0.1 * rx)) ** 2) <= ar ** 2
+    img[aorta & inner] = rng.uniform(150, 250)
+    taken = spine | aorta | ~inner
+    for name, rel_c, rel_r, wob, hu in ORGANS:
+        c = (ext[0] * (rel_c[0] + rng.uniform(-0.08, 0.08)), cy + ry * (rel_c[1] + rng.uniform(-0.06, 0.06)),
+             cx + rx * (rel_c[2] + rng.uniform(-0.06, 0.06)))
+        r = [max(rr * e * rng.uniform(0.8, 1.2), 1.25 * s) for rr, e, s in
              zip(rel_r, (ext[0], ry * 2, rx * 2), spacing)]
-        m = _ellipsoid(grid, c, r, wob, rng) & (body_d <= 0.8) & ~spine
+        m = _ellipsoid(grid, c, r, wob, rng) & ~taken
+        if name == "kidney":  # perirenal fat: a rim around the kidney
+            rim = _ellipsoid(grid, c, [rr * 1.3 for rr in r], 0.0, rng) & ~taken & ~m
+            img[rim] = rng.uniform(-110, -70)
         img[m] = rng.uniform(*hu)
         lab[m] = LABELS[name]
-    # a few small bright vessels/lesions as distractors
+        taken |= m
+    # a few small bright vessels/lesions as distractors (inside organs too: unlabelled, as lesions would be)
     for _ in range(rng.integers(1, 4)):
         c = (rng.uniform(0, ext[0]), cy + rng.uniform(-0.5, 0.5) * ry, cx + rng.uniform(-0.5, 0.5) * rx)
-        m = _ellipsoid(grid, c, [rng.uniform(2, 5)] * 3, 0.0, rng) & (body_d <= 0.8)
+        m = _ellipsoid(grid, c, [rng.uniform(0.04, 0.1) * rx] * 3, 0.0, rng) & inner & ~spine
         img[m] = rng.uniform(80, 200)
     # scanner: blur in-plane a little, then noise
     img = 0.5 * img + 0.125 * (np.roll(img, 1, 1) + np.roll(img, -1, 1) + np.roll(img, 1, 2) + np.roll(img, -1, 2))

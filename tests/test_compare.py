@@ -287,7 +287,8 @@ def test_report_from_fake_summaries(tmp_path, monkeypatch, capsys):
     assert "fold 1 were seen" not in md
     # liver: A = .9 .7 .6 .8 (mean .75), B = .85 .6 .65 .7 (mean .7), Δ +0.05, 3 wins 1 loss
     assert "| liver (1) | 4 | 0.7500 | 0.7000 | +0.0500 | [" in md and "| 3/1/0 |" in md
-    assert "| kidney (2) | 3 |" in md
+    # kidney: c1 is NaN in A -> 3 pairs: A .7 .6 .5, B .7 .5 .4; nnU-Net's mean of B keeps c1 (.3): .475
+    assert "| kidney (2) | 3 | 0.6000 | 0.5333 | +0.0667 | [" in md and "| kidney (2) | 0.6000 | 0.4750 |" in md
     assert "| 0 | 2 |" in md and "| 1 | 2 |" in md  # per fold rows
     js = json.loads((out_dir / "pgl_compare_Dataset990_Fake.json").read_text())
     fr = js["fractions"][0]
