@@ -593,33 +593,40 @@ def _frac_label(f: float) -> str:
 
 
 def leakage_lines(guard: List[Dict[str, Any]], dataset: str, configuration: str, plans: str) -> List[str]:
-    """The prominent lines at the top of the report: one per leaking (checkpoint, fold), or 'no leakage'."""
+    """The prominent lines at the top of the report: one per leaking (checkpoint, fold) and how to fix it, or
+    'no leakage'."""
     lines = []
     checked_any = False
+    fixes = []
     for e in guard:
         if e["error"]:
             lines.append(f"**Leakage guard: could not check {', '.join(e['arms'])}: {e['error']}.**")
             continue
         method = {"nnUNetPretrainerBYOL": " --method byol", "nnUNetPretrainerPGLBYOL": " --method pgl+byol"}.get(
             e["pretrainer"], "")
+        who = f"{e['pretrainer']} checkpoint of {', '.join(e['arms'])}" if len(guard) > 1 else ""
+        leaked_folds = []
         for fold, r in sorted(e["folds"].items()):
             checked_any = True
             if not r["leaked"]:
                 continue
+            leaked_folds.append(fold)
             k, n = len(r["leaked"]), r["n_val"]
-            line = (f"**LEAKAGE: {k} of {n} validation cases of fold {fold} were seen in pretraining; rerun "
-                    f"pgl_pretrain --exclude-fold {fold}** (checkpoint `{e['checkpoint']}` used by "
-                    f"{', '.join(e['arms'])}")
-            if r["labeled"]:
-                line += f"; as labeled images: {', '.join(r['labeled'])}"
+            parts = ([who] if who else []) + ([f"labeled images: {', '.join(r['labeled'])}"] if r["labeled"] else [])
             if r["unlabeled"]:
-                srcs = "; ".join(f"{u['case_id']} = {', '.join(u['source']) or u['pretrain_case_id']}"
-                                 for u in r["unlabeled"])
-                line += (f"; as unlabeled images (byte-identical copies: remove them from the --unlabeled folder, "
-                         f"--exclude-fold does not): {srcs}")
-            line += (f". Full command: `pgl_pretrain -d {dataset} -c {configuration} -p {plans}{method} "
-                     f"--exclude-fold {fold}`, then fine-tune fold {fold} with `nnUNet_pgl_weights` pointing to it)")
-            lines.append(line)
+                parts.append("unlabeled copies: " + "; ".join(
+                    f"{u['case_id']} = {', '.join(u['source']) or u['pretrain_case_id']}" for u in r["unlabeled"]))
+            lines.append(f"**LEAKAGE: {k} of {n} validation cases of fold {fold} were seen in pretraining; rerun "
+                         f"pgl_pretrain --exclude-fold {fold}** ({'; '.join(parts)})")
+        if leaked_folds:
+            fix = (f"To fix ({e['pretrainer']}): for each fold K above, `pgl_pretrain -d {dataset} -c {configuration} "
+                   f"-p {plans}{method} --exclude-fold K`, keep that checkpoint (it is written to the same fold_all "
+                   f"folder) and fine-tune fold K with `nnUNet_pgl_weights=<it>`")
+            if any(r["unlabeled"] for r in e["folds"].values()):
+                fix += ("; --exclude-fold leaves out labeled images only: remove the listed copies from the "
+                        "--unlabeled folders")
+            fixes.append(fix + ".")
+    lines += fixes
     if checked_any and not any(ln.startswith("**LEAKAGE") for ln in lines):
         n_by_fold = {k: r["n_val"] for e in guard if not e["error"] for k, r in e["folds"].items()}
         ckpts = [f"`{e['checkpoint']}`" for e in guard if not e["error"]]
@@ -727,8 +734,13 @@ def plot_figure(result: Dict[str, Any], path: str) -> None:
     done = [fr for fr in result["fractions"] if fr.get("comparison")]
     main = max(done, key=lambda fr: fr["fraction"])
     c = main["comparison"]
-    ncol = 4 if len(done) > 1 else 3
-    fig, axes = plt.subplots(1, ncol, figsize=(5.2 * ncol, 4.4))
+    from matplotlib.ticker import MaxNLocator, NullFormatter
+    if len(done) > 1:
+        fig, grid = plt.subplots(2, 2, figsize=(11.5, 9))
+        axes = [grid[0, 0], grid[1, 0], grid[1, 1], grid[0, 1]]
+    else:
+        fig, grid = plt.subplots(1, 3, figsize=(16, 4.8))
+        axes = list(grid)
     ax = axes[0]
     labs = [OVERALL] + c["labels"]
     rng = np.random.default_rng(0)
@@ -763,6 +775,10 @@ def plot_figure(result: Dict[str, Any], path: str) -> None:
     axes[2].set_title("EMA pseudo Dice (nnU-Net's checkpoint_best criterion)")
     axes[2].set_xlabel("epoch")
     for x in axes[1:3]:
+        x.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if x.get_xlim()[1] - x.get_xlim()[0] < 1:  # a single epoch
+            x.set_xlim(-0.5, 0.5)
+            x.set_xticks([0])
         if x.get_legend_handles_labels()[0]:
             x.legend(fontsize=8)
     if len(done) > 1:
@@ -778,8 +794,12 @@ def plot_figure(result: Dict[str, Any], path: str) -> None:
                 ys.append(m)
                 lo.append(m - ci[0])
                 hi.append(ci[1] - m)
-            ax.errorbar(fx, ys, yerr=[lo, hi], marker="o", capsize=4, label=arm, color=colors[arm])
+            shift = 0.97 if side == 0 else 1.03  # keep the two arms' error bars apart
+            ax.errorbar([x * shift for x in fx], ys, yerr=[lo, hi], marker="o", capsize=4, label=arm,
+                        color=colors[arm])
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xticks(fx)
         ax.set_xticklabels([f"{v:g}" for v in fx])
         ax.set_xlabel("labeled fraction of each fold's training cases (%)")

@@ -205,7 +205,8 @@ def test_find_leaks_labeled_by_id_and_unlabeled_by_raw_hash(tmp_path):
                             "nnUNetPlans")
     assert lines[0].startswith("**LEAKAGE: 2 of 2 validation cases of fold 0 were seen in pretraining; rerun "
                                "pgl_pretrain --exclude-fold 0**")
-    assert "as labeled images: c0" in lines[0] and "scan7.nii.gz" in lines[0]
+    assert "labeled images: c0" in lines[0] and "scan7.nii.gz" in lines[0]
+    assert any(ln.startswith("To fix") and "remove the listed copies" in ln for ln in lines)
     assert not any("fold 1 were seen" in ln for ln in lines)
     assert any("could not be checked" in ln and "c2" in ln for ln in lines)
 

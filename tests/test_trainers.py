@@ -138,17 +138,20 @@ def test_mismatched_checkpoint_refused_before_output_folder(pretrained):
 
 
 @pytest.mark.slow
-def test_five_fold_smoke_and_find_best_configuration(pretrained):
+def test_cross_validation_smoke_and_find_best_configuration(pretrained):
+    """Folds 0-1 of the smoke pair, then stock find_best_configuration over both trainers (the suite keeps to 2 folds
+    for time; the same with -f 0 1 2 3 4 was run for the 0.1.0 release, see the README)."""
     env, _, _ = pretrained
     env = clean_env(env)
     res = os.path.join(env["nnUNet_results"], DATASET)
+    folds = ["0", "1"]
     for trainer in ("nnUNetTrainerPGL_smoke", "nnUNetTrainerScratch_smoke"):
-        for fold in range(5):
+        for fold in folds:
             if not os.path.isfile(os.path.join(res, f"{trainer}__nnUNetPlans__3d_fullres", f"fold_{fold}",
                                                "validation", "summary.json")):
                 train(env, fold, trainer)
     p = run([f"{BIN}/nnUNetv2_find_best_configuration", "991", "-c", "3d_fullres", "-tr", "nnUNetTrainerPGL_smoke",
-             "nnUNetTrainerScratch_smoke", "--disable_ensembling", "-np", "1"], env)
+             "nnUNetTrainerScratch_smoke", "--disable_ensembling", "-np", "1", "-f", *folds], env)
     assert os.path.isfile(os.path.join(res, "inference_information.json"))
     info = json.loads(open(os.path.join(res, "inference_information.json")).read())
     assert info["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] in (
