@@ -140,7 +140,7 @@ def test_mismatched_checkpoint_refused_before_output_folder(pretrained):
 @pytest.mark.slow
 def test_cross_validation_smoke_and_find_best_configuration(pretrained):
     """Folds 0-1 of the smoke pair, then stock find_best_configuration over both trainers (the suite keeps to 2 folds
-    for time; the same with -f 0 1 2 3 4 was run for the 0.1.0 release, see the README)."""
+    for time; all 5 folds were run by hand, see BENCHMARKS.md)."""
     env, _, _ = pretrained
     env = clean_env(env)
     res = os.path.join(env["nnUNet_results"], DATASET)
