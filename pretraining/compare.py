@@ -41,6 +41,7 @@ import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 DEFAULT_PAIR = ("nnUNetTrainerPGL", "nnUNetTrainerScratch")
 OVERALL = "foreground mean"
@@ -54,7 +55,7 @@ class CompareError(RuntimeError):
 
 
 # ================================================================================================ statistics
-def bootstrap_ci(diffs: Sequence[float], n_boot: int = 10000, seed: int = 0, alpha: float = 0.05
+def bootstrap_ci(diffs: ArrayLike, n_boot: int = 10000, seed: int = 0, alpha: float = 0.05
                  ) -> Tuple[float, float]:
     """Percentile-bootstrap ``1 − alpha`` CI of the mean of ``diffs`` (NaN, NaN for no data).
 
@@ -76,7 +77,7 @@ def bootstrap_ci(diffs: Sequence[float], n_boot: int = 10000, seed: int = 0, alp
     return float(lo), float(hi)
 
 
-def wilcoxon_p(diffs: Sequence[float]) -> Optional[float]:
+def wilcoxon_p(diffs: ArrayLike) -> Optional[float]:
     """Two-sided Wilcoxon signed-rank p-value of paired differences; None ('n/a') if n < 2 or all are zero."""
     d = np.asarray(diffs, dtype=float)
     if d.size < 2 or not np.any(d != 0):
@@ -87,13 +88,13 @@ def wilcoxon_p(diffs: Sequence[float]) -> Optional[float]:
         return float(wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
 
 
-def win_loss_tie(diffs: Sequence[float]) -> Tuple[int, int, int]:
+def win_loss_tie(diffs: ArrayLike) -> Tuple[int, int, int]:
     """Counts of differences > 0 (A wins), < 0 (A loses) and == 0."""
     d = np.asarray(diffs, dtype=float)
     return int(np.sum(d > 0)), int(np.sum(d < 0)), int(np.sum(d == 0))
 
 
-def paired_stats(a: Sequence[float], b: Sequence[float], n_boot: int = 10000, seed: int = 0) -> Dict[str, Any]:
+def paired_stats(a: ArrayLike, b: ArrayLike, n_boot: int = 10000, seed: int = 0) -> Dict[str, Any]:
     """Paired comparison of per-case values ``a`` and ``b`` (same order); pairs with a NaN on either side dropped.
 
     Returns ``n``, ``n_nan`` (pairs dropped), ``mean_a``, ``mean_b``, ``mean_diff`` (of ``a − b``),
@@ -682,7 +683,8 @@ def render_markdown(result: Dict[str, Any]) -> str:
                      f"| {_f(ma['FP'], 1)} | {_f(mb['FP'], 1)} | {_f(ma['FN'], 1)} | {_f(mb['FN'], 1)} |")
         L += ["", "| fold | n | foreground Dice A | foreground Dice B | Δ |", "|---|---|---|---|---|"]
         for pf in c["per_fold"]:
-            L.append(f"| {pf['fold']} | {pf['n']} | {_f(pf['dice_a'])} | {_f(pf['dice_b'])} | {_f(pf['diff'], sign=True)} |")
+            L.append(f"| {pf['fold']} | {pf['n']} | {_f(pf['dice_a'])} | {_f(pf['dice_b'])} | "
+                     f"{_f(pf['diff'], sign=True)} |")
         notes = []
         if c["missing_a"] or c["missing_b"]:
             notes.append(f"missing folds: {ta}: {c['missing_a'] or 'none'}, {tb}: {c['missing_b'] or 'none'} "
@@ -701,7 +703,8 @@ def render_markdown(result: Dict[str, Any]) -> str:
         for fr in done:
             s = fr["comparison"]["classes"][OVERALL]["Dice"]
             L.append(f"| {fr['fraction'] * 100:g} % | {s['n']} | {_f(s['mean_a'])} | {_f(s['mean_b'])} "
-                     f"| {_f(s['mean_diff'], sign=True)} | [{_f(s['ci_low'], sign=True)}, {_f(s['ci_high'], sign=True)}] "
+                     f"| {_f(s['mean_diff'], sign=True)} | [{_f(s['ci_low'], sign=True)}, "
+                     f"{_f(s['ci_high'], sign=True)}] "
                      f"| {_p(s['p'])} | {s['wins']}/{s['losses']}/{s['ties']} |")
         L.append("")
     if result["leakage"]:
@@ -901,7 +904,8 @@ def compare(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNe
         ta, tb = names_by_fraction[f]
         arm_a = collect_arm(res_ds, ta, plans, configuration, folds, file_ending)
         arm_b = collect_arm(res_ds, tb, plans, configuration, folds, file_ending)
-        entry: Dict[str, Any] = {"fraction": f, "trainers": [ta, tb], "summaries": arm_a["summaries"] + arm_b["summaries"]}
+        entry: Dict[str, Any] = {"fraction": f, "trainers": [ta, tb],
+                                 "summaries": arm_a["summaries"] + arm_b["summaries"]}
         if arm_a["cases"] and arm_b["cases"] and set(arm_a["cases"]) & set(arm_b["cases"]):
             entry["comparison"] = compare_arms(arm_a, arm_b, n_boot, seed)
             entry["curves"] = {t: {k: read_learning_curve(os.path.join(trainer_dir(res_ds, t, plans, configuration),
@@ -914,8 +918,8 @@ def compare(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNe
         frac_results.append(entry)
     if not any(fr["comparison"] for fr in frac_results):
         raise CompareError(
-            "no paired validation results for " + "; ".join(f"{fr['trainers'][0]} vs {fr['trainers'][1]} ({fr['status']})"
-                                                            for fr in frac_results)
+            "no paired validation results for "
+            + "; ".join(f"{fr['trainers'][0]} vs {fr['trainers'][1]} ({fr['status']})" for fr in frac_results)
             + f" in {res_ds}. Train them: add --run (sequential nnUNetv2_train runs), or run nnUNetv2_train "
               f"{dataset} {configuration} FOLD -tr TRAINER -p {plans} for each fold and trainer")
 
@@ -962,10 +966,10 @@ def compare(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNe
         print(f"[pgl_compare] figure not written: {type(e).__name__}: {e}", file=sys.stderr)
         result["figure"] = None
     md = render_markdown(result)
-    with open(result["markdown"], "w") as f:
-        f.write(md)
-    with open(result["json"], "w") as f:
-        json.dump(_jsonable(result), f, indent=1)
+    with open(result["markdown"], "w") as fh:
+        fh.write(md)
+    with open(result["json"], "w") as fh:
+        json.dump(_jsonable(result), fh, indent=1)
     if verbose:
         print(md)
         print(f"[pgl_compare] wrote {result['markdown']}, {result['json']}"

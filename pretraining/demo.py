@@ -58,7 +58,8 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    # Measured: ~11 min on 2 CPU cores (see the README's pgl_demo section). Plans: 4 stages, patch = whole image.
+    # Sized by measurement on 2 CPU cores (plans: 4 stages, patch = the whole 24x48x48 image, batch 2): ~1 s per
+    # fine-tuning iteration, ~2.4 s per PGL iteration, ~30 s start-up per nnU-Net command.
     "cpu": Preset(cases=10, unlabeled=6, shape=(24, 48, 48), spacing=(2.5, 1.0, 1.0), pretrain_epochs=6,
                   pretrain_iters=10, trainers=("nnUNetTrainerPGL_demo", "nnUNetTrainerScratch_demo"), device="cpu",
                   expected="about 11 min on 2 CPU cores"),
@@ -426,8 +427,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         except StageFailed as e:
             print("FAILED")
             print(f"--- last lines of {log} ---\n{tail(log)}--- end of {log} ---", file=sys.stderr)
-            print(f"pgl_demo: stage '{stage}' failed (exit status {e.returncode}). Full log: {log}", file=sys.stderr)
+            status = f"killed by signal {-e.returncode}" if e.returncode < 0 else f"exit status {e.returncode}"
+            print(f"pgl_demo: stage '{stage}' failed ({status}). Full log: {log}", file=sys.stderr)
             raise SystemExit(1)
+        except KeyboardInterrupt:
+            print("interrupted")
+            print(f"pgl_demo: interrupted during stage '{stage}'. Its log so far: {log}. Run again with the same "
+                  f"--out to start over", file=sys.stderr)
+            raise SystemExit(130)
         extra = ""
         if stage.startswith("finetune"):
             arm = "pgl" if stage == "finetune_pgl" else "scratch"

@@ -4,15 +4,17 @@ Each case is a transverse section of an abdomen in the portal-venous phase, in H
 elliptic cylinder) of subcutaneous fat (~-100) holding soft tissue (25–45, with a smooth low-frequency texture:
 bowel, muscle), a vertebral body (bone, 300–500, unlabelled) with the aorta in front of it (150–250, an unlabelled
 distractor as bright as the kidneys), and organ-like structures of randomised shape, size, contrast and position:
-a "liver" (large, 90–130, patient's right = image left, label 1), a "kidney" on each side of the spine (150–220,
-in a rim of perirenal fat, lower slices, label 2) and a "spleen" (95–140, posterolateral left, upper slices,
-label 3). Organs are drawn kidneys → spleen → liver, each only where no earlier organ is, so they abut without
-overlapping. A few small bright blobs (vessels, lesions; unlabelled), a mild in-plane blur and Gaussian noise
-(σ 8–20 HU) mimic a scanner; spacing is anisotropic (thick slices). Unlabeled volumes come from the same
-distribution.
+a "liver" (large, 85–115, patient's right = image left, label 1), a "kidney" on each side of the spine (170–230,
+in a rim of perirenal fat, lower slices, label 2) and a "spleen" (120–150, a little brighter than the liver as in
+early portal-venous scans, posterolateral left, upper slices, label 3). Organs are drawn kidneys → spleen →
+liver, each only where no earlier organ is, so they abut without overlapping. A few small bright blobs (vessels,
+lesions; unlabelled), a mild in-plane blur and Gaussian noise (σ 8–20 HU) mimic a scanner; spacing is anisotropic
+(thick slices). Unlabeled volumes come from the same distribution.
 
 Sizes are relative to the body, so the phantom keeps its anatomy at any ``shape``/``spacing``; structures are at
-least ~2.5 voxels across in every axis.
+least ~2.5 voxels across in every axis. The contrasts are chosen so that a few minutes of CPU training already
+learn all three classes (the spleen is told from the liver by brightness as well as by place, since nnU-Net's
+mirroring augmentation removes left/right).
 """
 from __future__ import annotations
 
@@ -51,10 +53,10 @@ def _smooth_texture(grid: Tuple[np.ndarray, ...], ext: Sequence[float], amplitud
 #: name, relative centre (z of the volume; y, x of the body's half axes from its centre), relative radii (z of the
 #: volume; y, x of the body's full axes), wobble, HU range. Image x grows towards the patient's left.
 ORGANS = (
-    ("kidney", (0.62, 0.42, -0.36), (0.22, 0.14, 0.09), 0.1, (150, 220)),
-    ("kidney", (0.62, 0.42, 0.36), (0.22, 0.14, 0.09), 0.1, (150, 220)),
-    ("spleen", (0.35, 0.15, 0.62), (0.25, 0.2, 0.12), 0.15, (95, 140)),
-    ("liver", (0.45, -0.1, -0.42), (0.45, 0.42, 0.32), 0.2, (90, 130)),
+    ("kidney", (0.62, 0.42, -0.36), (0.22, 0.14, 0.09), 0.1, (170, 230)),
+    ("kidney", (0.62, 0.42, 0.36), (0.22, 0.14, 0.09), 0.1, (170, 230)),
+    ("spleen", (0.35, 0.12, 0.6), (0.28, 0.22, 0.14), 0.15, (120, 150)),
+    ("liver", (0.45, -0.1, -0.42), (0.45, 0.42, 0.32), 0.2, (85, 115)),
 )
 
 

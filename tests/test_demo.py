@@ -226,7 +226,7 @@ def test_main_writes_reports_and_one_line_per_stage(tmp_path, monkeypatch, capsy
     monkeypatch.delenv("nnUNet_raw", raising=False)
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     out = tmp_path / "run"
-    demo.main(["--out", str(out), "--cases", "5", "--unlabeled", "2"])
+    demo.main(["--out", str(out), "--preset", "cpu", "--cases", "5", "--unlabeled", "2"])
     text = capsys.readouterr().out
     assert "nnU-Net spam" not in text and "$nnUNet_results is ignored" in text and "preset cpu" in text
     assert [line[:5] for line in text.splitlines() if line.startswith("[")] == [f"[{i}/5]" for i in range(1, 6)]
@@ -243,7 +243,7 @@ def test_main_writes_reports_and_one_line_per_stage(tmp_path, monkeypatch, capsy
     assert "nnU-Net spam" in (out / "logs" / "pretrain.log").read_text()
     assert len(os.listdir(out / "nnUNet_raw" / demo.DATASET / "imagesTr")) == 5
     assert sorted(os.listdir(out / "unlabeled")) == ["unl_000.nii.gz", "unl_001.nrrd"]
-    demo.main(["--out", str(out), "--cases", "5", "--unlabeled", "0"])  # a previous demo folder is reused
+    demo.main(["--out", str(out), "--preset", "cpu", "--cases", "5", "--unlabeled", "0"])  # reuses the folder
     assert "previous demo outputs replaced" in capsys.readouterr().out
 
 
@@ -251,13 +251,24 @@ def test_failed_stage_shows_log_tail_and_exits_non_zero(tmp_path, monkeypatch, c
     monkeypatch.setattr(demo, "stage_commands", stand_in_commands(fail_stage="pretrain"))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        demo.main(["--out", str(out), "--cases", "5", "--unlabeled", "0"])
+        demo.main(["--out", str(out), "--preset", "cpu", "--cases", "5", "--unlabeled", "0"])
     assert e.value.code == 1
     cap = capsys.readouterr()
     log = str(out / "logs" / "pretrain.log")
     assert "FAILED" in cap.out and "boom: the real error" in cap.err and f"Full log: {log}" in cap.err
     assert "stage 'pretrain' failed (exit status 3)" in cap.err
     assert not (out / "logs" / "finetune_pgl.log").exists() and not (out / demo.REPORT_MD).exists()
+
+
+def test_interrupt_names_the_stage(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo, "stage_commands", stand_in_commands())
+    monkeypatch.setattr(demo, "run_stage", interrupted)
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--out", str(tmp_path / "run"), "--preset", "cpu", "--cases", "5", "--unlabeled", "0"])
+    assert e.value.code == 130
+    assert "interrupted during stage 'plan_and_preprocess'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- the real thing, tiny

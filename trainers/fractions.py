@@ -54,7 +54,7 @@ class LabelFractionMixin:
         subset = label_subset(tr_keys, self.label_fraction, self.fold)  # type: ignore[attr-defined]
         self.print_to_log_file(  # type: ignore[attr-defined]
             f"Label fraction {self.label_fraction:g}: training on {len(subset)} of {len(tr_keys)} training cases "
-            f"of fold {self.fold} ({', '.join(subset)}); validation unchanged ({len(val_keys)} cases)")
+            f"of fold {self.fold} ({', '.join(subset)}); validation unchanged ({len(val_keys)} cases)")  # type: ignore
         return subset, list(val_keys)
 
 

@@ -276,10 +276,10 @@ class nnUNetTrainerScratch_smoke(nnUNetTrainerScratch):
 class nnUNetTrainerPGL_demo(nnUNetTrainerPGL):
     """``pgl_demo`` on CPU: a few minutes of fine-tuning, enough for the two arms to separate."""
 
-    num_epochs_override, iterations_override, val_iterations_override = 10, 20, 2
+    num_epochs_override, iterations_override, val_iterations_override = 7, 20, 2
 
 
 class nnUNetTrainerScratch_demo(nnUNetTrainerScratch):
     """Twin of ``nnUNetTrainerPGL_demo``."""
 
-    num_epochs_override, iterations_override, val_iterations_override = 10, 20, 2
+    num_epochs_override, iterations_override, val_iterations_override = 7, 20, 2
