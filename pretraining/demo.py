@@ -58,15 +58,17 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {
-    # Sized by measurement on 2 CPU cores (plans: 4 stages, patch = the whole 24x48x48 image, batch 2): ~1 s per
-    # fine-tuning iteration, ~2.4 s per PGL iteration, ~30 s start-up per nnU-Net command.
-    "cpu": Preset(cases=10, unlabeled=6, shape=(24, 48, 48), spacing=(2.5, 1.0, 1.0), pretrain_epochs=6,
+    # Sized by measurement on 2 idle CPU cores (plans: 4 stages, patch = the whole 24x48x48 image, batch 2): ~1 s per
+    # fine-tuning iteration (augmentation included), ~1.6 s per PGL iteration, 10-30 s start-up per command, ~12 s
+    # for nnU-Net's final validation. A busy machine (other jobs on the same cores) can take twice as long.
+    "cpu": Preset(cases=10, unlabeled=6, shape=(24, 48, 48), spacing=(2.5, 1.0, 1.0), pretrain_epochs=8,
                   pretrain_iters=10, trainers=("nnUNetTrainerPGL_demo", "nnUNetTrainerScratch_demo"), device="cpu",
-                  expected="about 11 min on 2 CPU cores"),
-    # Not measured (no GPU where the demo was built): an estimate from the step times of a comparable plan.
+                  expected="about 10 min on 2 idle CPU cores"),
+    # Not measured (no GPU where the demo was built). Estimate: 2 x 12,500 fine-tuning iterations at ~0.1 s and
+    # 5,000 PGL iterations at ~0.3 s, plus validation, planning and start-up.
     "gpu": Preset(cases=40, unlabeled=60, shape=(48, 128, 128), spacing=(2.5, 0.8, 0.8), pretrain_epochs=100,
                   pretrain_iters=50, trainers=("nnUNetTrainerPGL_50epochs", "nnUNetTrainerScratch_50epochs"),
-                  device="cuda", expected="roughly 1 h on one recent GPU (estimate)"),
+                  device="cuda", expected="roughly 1-1.5 h on one recent GPU (estimate, not measured)"),
 }
 
 
@@ -128,16 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Extra unlabeled volumes for pretraining (alternately .nii.gz and .nrrd). 0 pretrains on the "
                         "training images alone; more unlabeled data is what pretraining is for.")
     p.add_argument("--pretrain-epochs", type=int, default=None, metavar="E",
-                   help="pgl_pretrain --epochs. The loss keeps falling for hundreds of epochs on real data; on CPU "
-                        "each iteration costs ~2.5x a supervised one.")
+                   help="pgl_pretrain --epochs. The paper pretrains 500 epochs x 250 iterations; the demo's few "
+                        "minutes only show the pipeline at work. A PGL iteration costs ~1.5-2.5x a supervised one.")
     p.add_argument("--pretrain-iters", type=int, default=None, metavar="I", help="pgl_pretrain --iters-per-epoch.")
     p.add_argument("--finetune-trainers", nargs=2, default=None, metavar=("PGL", "SCRATCH"),
                    help="The two fine-tuning trainers, e.g. nnUNetTrainerPGL_smoke nnUNetTrainerScratch_smoke "
                         "(a minute each, for tests) or nnUNetTrainerPGL_100epochs nnUNetTrainerScratch_100epochs. "
                         "Compare twins of the same schedule only.")
     p.add_argument("--seed", type=int, default=0,
-                   help="Seed of the synthetic data and of pgl_pretrain. nnU-Net's training is not seeded: repeated "
-                        "runs differ by a few Dice points on this small validation set.")
+                   help="Seed of the synthetic data and of pgl_pretrain. nnU-Net's training is not seeded, so "
+                        "repeated runs differ; on a validation set this small a difference between the arms of a few "
+                        "Dice points can be noise.")
     p.add_argument("--device", choices=["cpu", "cuda", "mps"], default=None,
                    help="Device of pretraining and fine-tuning (default: the preset's).")
     return p
