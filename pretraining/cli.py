@@ -76,7 +76,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     from nnunet_pgl.trainers.discovery import ensure_ext_trainer_env
     ensure_ext_trainer_env()
 
-    import torch
     from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 MARKER = ".pgl_demo"                       # written first into every demo folder; lets a re-run reuse the folder
 REPORT_MD, REPORT_JSON = "pgl_demo_report.md", "pgl_demo_report.json"

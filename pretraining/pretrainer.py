@@ -16,10 +16,7 @@ and DDP (``-num_gpus``) work as for any trainer. What changes, hook by hook:
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import socket
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -39,7 +36,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 
 from nnunet_pgl import (IntensityAugmentation, PGLBranch, default_levels, ema_update_, level_strides,
                         make_target, make_view_pair, pgl_loss, tau_schedule, unwrap_network, warmup_cosine_lr)
-from nnunet_pgl.pretraining.config import CONFIG_FILE, PretrainConfig, config_from_env
+from nnunet_pgl.pretraining.config import CONFIG_FILE, config_from_env
 from nnunet_pgl.pretraining.loader import RegionDataset, TimedLoader, region_size_for
 from nnunet_pgl.pretraining.lock import RunLock
 from nnunet_pgl.pretraining.meta import build_meta, file_hash
@@ -119,8 +116,7 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.loss = None
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        seed = cfg.seed + 1000 * self.local_rank
-        self.view_generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.view_generator = torch.Generator(device=self.device)  # re-seeded every step in train_step
         self.was_initialized = True
         self.logger.update_config({"pgl": cfg.to_json()})
 
