@@ -139,7 +139,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         if dist.get_rank() != 0:
             dist.barrier()
             os.environ[CONFIG_ENV] = join(out, CONFIG_FILE)
-            run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, _device(args.device))
+            from nnunet_pgl.pretraining.pretrainer import NonFiniteLossError
+            try:
+                run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, _device(args.device))
+            except NonFiniteLossError:
+                raise SystemExit(1)  # every rank stops at the same step; rank 0 says why
             return
 
     if cfg.unlabeled_dirs:
@@ -169,13 +173,20 @@ def main(argv: Optional[List[str]] = None) -> None:
           f"{cfg.iters_per_epoch} iterations; output {out}")
 
     device = _device(args.device)
-    if torchrun:
-        dist.barrier()
-        run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device)
-        return
-    from nnunetv2.run.run_training import run_training
-    run_training(dataset_name, args.configuration, "all", trainer, args.plans, None, args.num_gpus,
-                 continue_training=args.c, device=device)
+    from nnunet_pgl.pretraining.pretrainer import NonFiniteLossError
+    try:
+        if torchrun:
+            dist.barrier()
+            run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device)
+            return
+        from nnunetv2.run.run_training import run_training
+        run_training(dataset_name, args.configuration, "all", trainer, args.plans, None, args.num_gpus,
+                     continue_training=args.c, device=device)
+    except NonFiniteLossError as e:
+        print(f"pgl_pretrain: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    finally:
+        lock.release()
 
 
 def _device(name: str) -> "torch.device":

@@ -36,7 +36,8 @@ Writes are atomic: a worker writes ``.pgltmp-<run>-<case_id>*`` in the same fold
 ``os.replace``s them to their final names and only then adds the index entry (index rewritten atomically, at most
 every few seconds and at the end). Entries whose files are about to be replaced are removed from the index
 first. A killed run therefore leaves an index that points only to complete files of the recorded plans
-fingerprint; its leftover temporary files are removed by the next run.
+fingerprint; its leftover temporary files are removed by the next run. Worker processes are killed by the kernel
+when the ingesting process dies (Linux), so a SIGKILL leaves no orphaned worker.
 
 Bad inputs. ``IngestError`` (a ``ValueError``) names the file or folder and the next step; warnings are
 ``IngestWarning``. Everything but the reader's own failures is found before anything is written.
@@ -45,8 +46,9 @@ Bad inputs. ``IngestError`` (a ``ValueError``) names the file or folder and the 
   image (the message lists what was skipped there); no usable case at all.
 - skip + one warning listing the skipped files and why: files SimpleITK cannot read (non-images, corrupt
   headers); truncated NIfTI or gzip data (checked while hashing: SimpleITK would read zeros for the missing
-  voxels); files nnU-Net's reader fails on; 2D images (also a single slice), 4D images, vector/RGB images, and
-  images of zeros only. Same policy for all: nothing usable is lost, nothing unusable is trained on.
+  voxels); files nnU-Net's reader fails on; 2D images (also a single slice), 4D images, vector/RGB images,
+  images of zeros only, images with NaN/Inf voxels; files that disappear while the ingest runs. Same policy for
+  all: nothing usable is lost, nothing unusable is trained on.
 - multi-channel datasets, raise: a readable file without the ``_XXXX`` channel suffix, a channel index >= k, a
   missing channel file, two files for one channel, channel files of different size or spacing. A case whose
   channel file was skipped (unreadable, 2D, ...) is skipped with the warning.
@@ -67,7 +69,9 @@ import math
 import multiprocessing
 import os
 import re
+import signal
 import struct
+import sys
 import time
 import uuid
 import warnings
@@ -90,6 +94,8 @@ _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ext>\..+)$")
 _INDEX_WRITE_INTERVAL_S = 5.0
 _HASH_BLOCK = 4 * 1024 * 1024
 _MAX_LISTED = 20
+VANISHED = ("the file disappeared during ingestion (moved or deleted while this ran): put it back and rerun to "
+            "include it")
 
 
 class IngestError(ValueError):
@@ -233,6 +239,8 @@ def _probe(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     try:
         r.ReadImageInformation()
     except Exception:
+        if not os.path.exists(path):
+            return None, VANISHED
         return None, "SimpleITK cannot read it (not an image, or a corrupt file)"
     dim, size, comps = r.GetDimension(), tuple(r.GetSize()), r.GetNumberOfComponents()
     if comps > 1:
@@ -418,7 +426,12 @@ def _hash_and_check(paths: Sequence[str], check: bool = True) -> Tuple[str, List
     problems: List[Tuple[str, str]] = []
     for p in paths:
         low = p.lower()
-        with open(p, "rb") as f:
+        try:
+            f = open(p, "rb")
+        except FileNotFoundError:
+            problems.append((p, VANISHED))
+            continue
+        with f:
             if check and low.endswith(".gz"):
                 head = b""
                 total = 0
@@ -548,6 +561,8 @@ def _preprocess_case(files: Tuple[str, ...], case_id: str, sha256: str, out_fold
         with contextlib.redirect_stdout(said):  # nnU-Net's readers print their complaints before raising
             data, properties = rw_cls().read_images(list(files))
     except Exception as e:
+        if not all(os.path.exists(p) for p in files):
+            return {"status": "skip", "reason": VANISHED}
         detail = " ".join(said.getvalue().split())[:300]
         return {"status": "skip",
                 "reason": f"{rw_cls.__name__} failed to read it ({type(e).__name__}: {e}{'; ' + detail if detail else ''})"}
@@ -560,6 +575,9 @@ def _preprocess_case(files: Tuple[str, ...], case_id: str, sha256: str, out_fold
                 "reason": f"{rw_cls.__name__} read an array of shape {data.shape}, expected ({len(files)}, Z, Y, X)"}
     if not np.any(data):
         return {"status": "skip", "reason": "every voxel is 0 (an empty image)"}
+    if not np.all(np.isfinite(data)):
+        return {"status": "skip", "reason": f"{int(np.sum(~np.isfinite(data)))} voxel(s) are NaN or Inf: fix the "
+                                            f"export (a NaN in the input makes every loss NaN)"}
     warn += _intensity_warnings(files, data, configuration_manager, plans_manager, channel_names)
 
     preprocessor = configuration_manager.preprocessor_class(verbose=False)
@@ -648,6 +666,24 @@ def _folder_lock(folder: str, verbose: bool) -> Iterator[None]:
 def _stat(path: str) -> Dict[str, Any]:
     st = os.stat(path)
     return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: the kernel kills the worker when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a
+    SIGKILLed ingest leaves no orphaned worker behind. Elsewhere the pool's own shutdown is all there is."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _executor(num_processes: int, ctx: Any) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(max_workers=num_processes, mp_context=ctx, initializer=_die_with_parent,
+                               initargs=(os.getpid(),))
 
 
 def _run_tasks(fn: Callable, tasks: Sequence[tuple], executor: Optional[ProcessPoolExecutor], desc: str,
@@ -740,9 +776,17 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
         stat_of: Dict[str, Dict[str, Any]] = {}
         to_hash: List[int] = []
         stat_by_sha = {e["sha256"]: e["_stats"] for e in old_index}
+        bad_groups = set()
         for i, g in enumerate(groups):
-            for p in g.hashed:
-                stat_of[p] = _stat(p)
+            try:
+                for p in g.hashed:
+                    stat_of[p] = _stat(p)
+            except FileNotFoundError:
+                bad_groups.add(i)
+                for p in g.files:
+                    skipped.add(p, VANISHED if not os.path.exists(p) else "case skipped: another of its files "
+                                                                          "disappeared during ingestion")
+                continue
             sha = known.get(g.files)
             if sha is not None and all((stat_of[p]["size"], stat_of[p]["mtime_ns"]) == stat_by_sha[sha].get(p)
                                        for p in g.hashed):
@@ -750,8 +794,7 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
             else:
                 to_hash.append(i)
         if num_processes > 1 and len(to_hash) > 1:
-            executor = ProcessPoolExecutor(max_workers=num_processes, mp_context=ctx)
-        bad_groups = set()
+            executor = _executor(num_processes, ctx)
         for j, (sha, problems) in _run_tasks(_hash_and_check, [(groups[i].hashed,) for i in to_hash], executor,
                                              "Hashing unlabeled images", verbose):
             g = groups[to_hash[j]]
@@ -821,7 +864,7 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
             tasks = [(by_sha[s][0].files, "unl_" + s[:16], s, out, token, plans_manager, configuration_manager,
                       dataset_json) for s in to_do]
             if executor is None and num_processes > 1 and len(tasks) > 1:
-                executor = ProcessPoolExecutor(max_workers=num_processes, mp_context=ctx)
+                executor = _executor(num_processes, ctx)
             failed = set()
             for j, res in _run_tasks(_preprocess_case, tasks, executor, "Preprocessing unlabeled images", verbose):
                 sha = to_do[j]

@@ -187,8 +187,19 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         maybe_mkdir_p(self.output_folder)
         if self.local_rank == 0:
             self._lock = RunLock(self.output_folder).acquire()  # pgl_pretrain took it already; same pid: re-taken
+            self._remove_partial_writes()
             self.pgl_config.save(join(self.output_folder, CONFIG_FILE))
         super().on_train_start()
+
+    def _remove_partial_writes(self) -> None:
+        """Delete the temporary files of a killed run (a checkpoint or plot killed mid-write). Only the lock holder
+        writes here, so every ``*.tmp`` / ``*.tmp.png`` is a leftover; the complete files are untouched."""
+        for folder in (self.output_folder, join(self.output_folder, "pictures")):
+            if os.path.isdir(folder):
+                for n in os.listdir(folder):
+                    if n.endswith((".tmp", ".tmp.png")):
+                        os.remove(join(folder, n))
+                        self.print_to_log_file(f"Removed {n}, a partial write of an interrupted run")
 
     def plot_network_architecture(self):
         pass  # nnU-Net's plot needs hiddenlayer and the segmentation forward; nothing to add for pretraining

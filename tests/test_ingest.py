@@ -439,6 +439,44 @@ def test_mr_like_intensities_warn(tmp_path, pm_cm, dataset_json, base):
         run([src], pm_cm, dataset_json, base)
 
 
+@pytest.mark.parametrize("phase", ["_probe", "_stat", "_hash_and_check", "_preprocess_case"])
+def test_file_disappearing_during_ingestion_is_skipped(tmp_path, pm_cm, dataset_json, base, monkeypatch, phase):
+    """The file is deleted just before each step that touches it (header probe, stat, hash, read): skipped with a
+    message that says so, the other case is ingested, nothing partial is left."""
+    src = tmp_path / "unl"
+    src.mkdir()
+    gone = write_image(ct(95), src / "gone.nii.gz")
+    good = write_image(ct(96), src / "good.nii.gz")
+    real = getattr(ingest, phase)
+
+    def vanish_first(*args, **kw):
+        touched = [a for a in args if a == gone or (isinstance(a, (tuple, list)) and gone in a)]
+        if touched and os.path.exists(gone):
+            os.remove(gone)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ingest, phase, vanish_first)
+    with pytest.warns(IngestWarning, match=r"gone\.nii\.gz: the file disappeared during ingestion .*put it back"):
+        cases = run([src], pm_cm, dataset_json, base)
+    assert [c.source for c in cases] == [(good,)]
+    assert [e["source"] for e in read_index(base)] == [[good]]
+    assert not [n for n in folder_files(base) if n.startswith(".pgltmp")]
+    assert len([n for n in folder_files(base) if n.endswith(".b2nd")]) == 2  # data + seg of the good case only
+
+
+def test_nan_voxels_are_skipped(tmp_path, pm_cm, dataset_json, base):
+    src = tmp_path / "unl"
+    src.mkdir()
+    vol = ct(97).astype(np.float32)
+    vol[3, 4, 5:9] = np.nan
+    vol[5, 6, 7] = np.inf
+    write_image(vol, src / "nan.nrrd")  # (SimpleITK's NIfTI IO turns NaN into 0; NRRD keeps it)
+    good = write_image(ct(98), src / "good.nii.gz")
+    with pytest.warns(IngestWarning, match=r"nan\.nrrd: 5 voxel\(s\) are NaN or Inf"):
+        cases = run([src], pm_cm, dataset_json, base)
+    assert [c.source for c in cases] == [(good,)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # multi-channel datasets
 # ---------------------------------------------------------------------------------------------------------------
