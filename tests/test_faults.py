@@ -245,3 +245,28 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(planned, tmp_path):
     p = run(args + ["--c"], env)
     assert checkpoint_epochs(out) == {"checkpoint_final.pth": 4}
     assert "Epoch 2" in p.stdout and "Epoch 1" not in p.stdout
+
+
+def test_second_run_on_the_same_folder_is_refused(planned, tmp_path):
+    """While a run holds its output folder, a second pgl_pretrain into it stops with exit code 2, names the owner
+    (host, pid) and leaves the running one and its files alone."""
+    env, _, _ = planned
+    env = dict(env, nnUNet_results=str(tmp_path))
+    args = [sys.executable, RUNNER, "-d", "991", "-device", "cpu", "--epochs", "100", "--iters-per-epoch", "1",
+            "--method", "byol", "--num-workers", "0"]
+    lock = tmp_path / DATASET / "nnUNetPretrainerBYOL__nnUNetPlans__3d_fullres" / "fold_all" / "pgl_pretrain.lock"
+    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.monotonic()
+        while not lock.exists() and first.poll() is None and time.monotonic() - t0 < 300:
+            time.sleep(0.05)
+        owner = json.loads(lock.read_text())
+        assert owner["pid"] == first.pid
+        p = subprocess.run(args, env=env, capture_output=True, text=True)
+        assert p.returncode == 2
+        assert (f"another pgl_pretrain run (host {owner['host']}, pid {first.pid}, started {owner['started']}) is "
+                f"using {lock.parent}. Wait for it to finish, or stop it") in p.stderr
+        assert first.poll() is None and json.loads(lock.read_text()) == owner
+    finally:
+        first.kill()
+        first.wait()

@@ -524,6 +524,29 @@ def test_multichannel_missing_channel_is_an_error(tmp_path, two_channel, base):
     assert not os.path.exists(unlabeled_folder(base, "nnUNetPlans_3d_fullres"))
 
 
+def test_channel_count_differs_from_the_dataset(tmp_path, pm_cm, dataset_json, two_channel, base):
+    # one-channel dataset, a file with two values per voxel: skipped, the message says what to ingest
+    src = tmp_path / "unl"
+    src.mkdir()
+    vec = sitk.Compose([sitk.GetImageFromArray(ct(114)), sitk.GetImageFromArray(ct(115))])
+    sitk.WriteImage(vec, str(src / "two_values.nrrd"))
+    good = write_image(ct(116), src / "good.nii.gz")
+    with pytest.warns(IngestWarning, match=r"two_values\.nrrd: vector image \(2 components per voxel.*ingest scalar"):
+        cases = run([src], pm_cm, dataset_json, base)
+    assert [c.source for c in cases] == [(good,)]
+    # two-channel dataset, a third channel file: an error before anything is written
+    (pm, cm), dj = two_channel
+    src2 = tmp_path / "unl2"
+    src2.mkdir()
+    for c in range(3):
+        write_image(ct(117 + c), src2 / f"pat1_{c:04d}.nii.gz")
+    base2 = os.path.join(os.path.dirname(base), "Dataset992_TwoChannels")
+    os.makedirs(base2)
+    with pytest.raises(IngestError, match=r"pat1_0002\.nii\.gz: channel 2 but this dataset has 2 channels"):
+        run([src2], (pm, cm), dj, base2)
+    assert not os.path.exists(unlabeled_folder(base2, "nnUNetPlans_3d_fullres"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # helpers and the process pool
 # ---------------------------------------------------------------------------------------------------------------
