@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -42,15 +43,61 @@ def _timeit(fn: Callable[[], Any], steps: int, warmup: int, device) -> List[floa
     return out
 
 
-def _make_tiny(root: str) -> str:
+def _profile(fn: Callable[[], Any], title: str, top: int, device) -> None:
+    """Print the torch profiler's operators of one call of ``fn``, by self time."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            import torch
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"--- profile: {title}")
+    print(prof.key_averages().table(sort_by=key, row_limit=top))
+
+
+def _make_synthetic(root: str, shape=(24, 48, 48), spacing=(2.5, 1.0, 1.0), num_cases: int = 5) -> str:
+    """A synthetic CT dataset planned and preprocessed by stock nnU-Net in ``root``; its id."""
     from nnunet_pgl.pretraining.synthetic import make_dataset
     os.environ.update(nnUNet_raw=os.path.join(root, "raw"), nnUNet_preprocessed=os.path.join(root, "pre"),
                       nnUNet_results=os.path.join(root, "res"))
-    make_dataset(os.environ["nnUNet_raw"], dataset_id=993, name="PGLBench", num_train=5, shape=(24, 48, 48))
+    make_dataset(os.environ["nnUNet_raw"], dataset_id=993, name="PGLBench", num_train=num_cases, shape=shape,
+                 spacing=spacing)
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
+    n = str(min(8, os.cpu_count() or 2))
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnUNetv2_plan_and_preprocess"), "-d", "993",
-                    "-c", "3d_fullres", "-npfp", "2", "-np", "2"], env=env, check=True, capture_output=True)
+                    "-c", "3d_fullres", "-npfp", n, "-np", n], env=env, check=True, capture_output=True)
     return "993"
+
+
+def _plans_for_patch(dataset: str, patch, batch_size: int, arch: str) -> str:
+    """Write plans ``nnUNetPlans_bench_<arch>`` whose 3d_fullres has ``patch``, ``batch_size`` and the topology
+    nnU-Net's own planner derives for that patch (plain: ExperimentPlanner; resenc: ResEncUNetPlanner, the
+    topology of ResEnc M/L/XL, which differ only in their memory target). The preprocessed data is shared."""
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json, save_json
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.experiment_planning.experiment_planners.residual_unets.residual_encoder_unet_planners import \
+        ResEncUNetPlanner
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    name = f"nnUNetPlans_bench_{arch}"
+    cls = ResEncUNetPlanner if arch == "resenc" else ExperimentPlanner
+    # a memory target so large that the planner keeps the whole patch (the initial patch is clipped to the
+    # "median shape" we pass: the requested patch)
+    planner = cls(dataset, gpu_memory_target_in_gb=1e6, plans_name=name)
+    base = join(nnUNet_preprocessed, maybe_convert_to_dataset_name(dataset))
+    plans = load_json(join(base, "nnUNetPlans.json"))
+    cfg = plans["configurations"]["3d_fullres"]
+    new = planner.get_plans_for_configuration(cfg["spacing"], patch, cfg["data_identifier"], 1e12, {})
+    if list(new["patch_size"]) != list(patch):
+        raise SystemExit(f"nnU-Net's topology for spacing {cfg['spacing']} needs patch {list(new['patch_size'])} (divisible by "
+                         f"its pooling), not {list(patch)}: pass that patch")
+    cfg.update(patch_size=list(patch), batch_size=batch_size, architecture=new["architecture"])
+    plans["plans_name"] = name
+    save_json(plans, join(base, name + ".json"), sort_keys=False)
+    return name
 
 
 def _short_run_wait(args, dataset_name: str, device) -> Any:
@@ -78,14 +125,28 @@ def main() -> None:
     ap.add_argument("-d", dest="dataset")
     ap.add_argument("-c", dest="configuration", default="3d_fullres")
     ap.add_argument("-p", dest="plans", default="nnUNetPlans")
+    ap.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                    help="benchmark this patch: a synthetic dataset (cases 1.4x the patch) is planned by nnU-Net, "
+                         "then plans with this patch, --batch and nnU-Net's topology for it (--arch) are written")
+    ap.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], help="with --patch (z y x, mm)")
+    ap.add_argument("--batch", type=int, default=2, help="with --patch: batch size (pairs for PGL)")
+    ap.add_argument("--arch", choices=["plain", "resenc"], default="plain", help="with --patch: network family")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 5 on CPU)")
+    ap.add_argument("--no-run", action="store_true", help="skip the short real pgl_pretrain run (data wait)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print the torch profiler's top N operators of one supervised and one PGL step")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="pgl_bench_") if args.tiny else None
-    if args.tiny:
-        args.dataset = _make_tiny(tmp)
+    if args.tiny or args.patch:
+        tmp = tempfile.mkdtemp(prefix="pgl_bench_")
+        if args.patch:
+            shape = [int(math.ceil(1.4 * p)) for p in args.patch]
+            args.dataset = _make_synthetic(tmp, shape, args.spacing, num_cases=4)
+            args.plans = _plans_for_patch(args.dataset, args.patch, args.batch, args.arch)
+        else:
+            args.dataset = _make_synthetic(tmp)
     if not args.dataset:
-        ap.error("give -d DATASET or --tiny")
+        ap.error("give -d DATASET, --patch Z Y X or --tiny")
 
     import torch
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
@@ -128,6 +189,8 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
     t_sup = _timeit(lambda: sup.train_step({"data": x, "target": tgt}), steps, warmup, device)
     mem_sup = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    if args.profile:
+        _profile(lambda: sup.train_step({"data": x, "target": tgt}), "supervised step", args.profile, device)
     del sup
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -142,6 +205,8 @@ def main() -> None:
     pgl.on_train_epoch_start()
     t_pgl = _timeit(lambda: pgl.train_step(batch), steps, warmup, device)
     mem_pgl = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    if args.profile:
+        _profile(lambda: pgl.train_step(batch), "pgl_pretrain step", args.profile, device)
 
     # the real data path: loader workers read regions from blosc2, views are made on the device
     from nnunet_pgl import make_view_pair
@@ -164,7 +229,8 @@ def main() -> None:
     results.update(supervised_step_ms=med_sup, pgl_step_ms=med_pgl, step_ratio=med_pgl / med_sup,
                    supervised_peak_mem_gib=mem_sup, pgl_peak_mem_gib=mem_pgl,
                    memory_ratio=(mem_pgl / mem_sup) if mem_sup else None,
-                   data_wait_fraction=_short_run_wait(args, name, device), loader_pairs_per_s=pairs_per_s,
+                   data_wait_fraction=None if args.no_run else _short_run_wait(args, name, device),
+                   loader_pairs_per_s=pairs_per_s,
                    pgl_pairs_per_s_needed=bs / (med_pgl / 1000),
                    levels=pgl.online.loss_levels, threads=torch.get_num_threads())
     print(f"device {results['device']}, patch {patch}, batch {bs} (pairs), loss levels {pgl.online.loss_levels}, "

@@ -191,8 +191,9 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def _device(name: str) -> "torch.device":
     import torch
-    if name == "cpu":
-        torch.set_num_threads(multiprocessing.cpu_count())
+    if name == "cpu":  # the cores this process may use, shared among the ranks on this node
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else multiprocessing.cpu_count()
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         return torch.device("cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
