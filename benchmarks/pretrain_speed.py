@@ -6,7 +6,8 @@
 plan); otherwise ``-d`` names a planned and preprocessed dataset (``nnUNet_*`` variables set). Both trainers are
 built by nnU-Net's own code from the same plans; batches are already on the device (random data of the right
 shape: the supervised step gets a patch batch with deep-supervision targets, the PGL step a region batch from which
-it makes the views). Reports medians of ``--steps`` steps after warm-up (CUDA events on GPU), peak device memory,
+it makes the views). Reports medians of ``--steps`` steps after warm-up (CUDA events on GPU; on CPU the two steps
+alternate, so that load drift on the host hits both alike), peak device memory,
 the ratios, and writes JSON.
 """
 from __future__ import annotations
@@ -133,18 +134,24 @@ def main() -> None:
     ap.add_argument("--arch", choices=["plain", "resenc"], default="plain", help="with --patch: network family")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 5 on CPU)")
     ap.add_argument("--no-run", action="store_true", help="skip the short real pgl_pretrain run (data wait)")
+    ap.add_argument("--workdir", default=None, help="with --tiny/--patch: folder of the synthetic dataset, reused "
+                                                    "if it is already planned there (default: a new temp folder)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="also print the torch profiler's top N operators of one supervised and one PGL step")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.tiny or args.patch:
-        tmp = tempfile.mkdtemp(prefix="pgl_bench_")
-        if args.patch:
-            shape = [int(math.ceil(1.4 * p)) for p in args.patch]
-            args.dataset = _make_synthetic(tmp, shape, args.spacing, num_cases=4)
-            args.plans = _plans_for_patch(args.dataset, args.patch, args.batch, args.arch)
+        tmp = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="pgl_bench_")
+        shape = [int(math.ceil(1.4 * p)) for p in args.patch] if args.patch else [24, 48, 48]
+        spacing = args.spacing if args.patch else [2.5, 1.0, 1.0]
+        if os.path.isfile(os.path.join(tmp, "pre", "Dataset993_PGLBench", "nnUNetPlans.json")):
+            os.environ.update(nnUNet_raw=os.path.join(tmp, "raw"), nnUNet_preprocessed=os.path.join(tmp, "pre"),
+                              nnUNet_results=os.path.join(tmp, "res"))
+            args.dataset = "993"
         else:
-            args.dataset = _make_synthetic(tmp)
+            args.dataset = _make_synthetic(tmp, shape, spacing, num_cases=4 if args.patch else 5)
+        if args.patch:
+            args.plans = _plans_for_patch(args.dataset, args.patch, args.batch, args.arch)
     if not args.dataset:
         ap.error("give -d DATASET, --patch Z Y X or --tiny")
 
@@ -185,14 +192,18 @@ def main() -> None:
     nlab = len(sup.label_manager.all_labels)
     tgt = [torch.randint(0, nlab, (bs, 1, *[int(round(p * s)) for p, s in zip(patch, sc)]), device=device).float()
            for sc in scales]
-    if device.type == "cuda":
+    def sup_step():
+        sup.train_step({"data": x, "target": tgt})
+
+    mem_sup = None
+    if device.type == "cuda":  # one trainer on the GPU at a time, so that each peak is its own
         torch.cuda.reset_peak_memory_stats()
-    t_sup = _timeit(lambda: sup.train_step({"data": x, "target": tgt}), steps, warmup, device)
-    mem_sup = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+        t_sup = _timeit(sup_step, steps, warmup, device)
+        mem_sup = torch.cuda.max_memory_allocated() / 2 ** 30
     if args.profile:
-        _profile(lambda: sup.train_step({"data": x, "target": tgt}), "supervised step", args.profile, device)
-    del sup
+        _profile(sup_step, "supervised step", args.profile, device)
     if device.type == "cuda":
+        del sup
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
@@ -203,10 +214,21 @@ def main() -> None:
     pgl.dataloader_train = None
     pgl.on_epoch_start()
     pgl.on_train_epoch_start()
-    t_pgl = _timeit(lambda: pgl.train_step(batch), steps, warmup, device)
-    mem_pgl = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+    def pgl_step():
+        pgl.train_step(batch)
+
+    mem_pgl = None
+    if device.type == "cuda":
+        t_pgl = _timeit(pgl_step, steps, warmup, device)
+        mem_pgl = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:  # CPU timings drift with the host's load: alternate the two steps so that both see the same drift
+        t_sup, t_pgl = [], []
+        for _ in range(steps):
+            t_sup += _timeit(sup_step, 1, warmup, device)
+            t_pgl += _timeit(pgl_step, 1, warmup, device)
+            warmup = 0
     if args.profile:
-        _profile(lambda: pgl.train_step(batch), "pgl_pretrain step", args.profile, device)
+        _profile(pgl_step, "pgl_pretrain step", args.profile, device)
 
     # the real data path: loader workers read regions from blosc2, views are made on the device
     from nnunet_pgl import make_view_pair
