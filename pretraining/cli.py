@@ -5,7 +5,7 @@ import argparse
 import multiprocessing
 import os
 import sys
-from typing import TYPE_CHECKING, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Callable, List, NoReturn, Optional
 
 if TYPE_CHECKING:
     import torch
@@ -132,6 +132,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not cfg.use_labeled_images and not cfg.unlabeled_dirs:
         _fail("--no-labeled-images leaves nothing to pretrain on: add --unlabeled DIR")
 
+    device = _device(args.device)  # fails (e.g. no CUDA) before anything is written
     torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     if torchrun:  # rank 0 ingests and writes the configuration, the others wait and read it
         import torch.distributed as dist
@@ -139,59 +140,86 @@ def main(argv: Optional[List[str]] = None) -> None:
         if dist.get_rank() != 0:
             dist.barrier()
             os.environ[CONFIG_ENV] = join(out, CONFIG_FILE)
-            from nnunet_pgl.pretraining.pretrainer import NonFiniteLossError
-            try:
-                run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, _device(args.device))
-            except NonFiniteLossError:
-                raise SystemExit(1)  # every rank stops at the same step; rank 0 says why
+            _train(lambda: run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device),
+                   f" (rank {dist.get_rank()})")
             return
 
-    if cfg.unlabeled_dirs:
-        from nnunet_pgl.pretraining.ingest import ingest_unlabeled
-        from nnunetv2.configuration import default_num_processes
-        try:
-            cases = ingest_unlabeled(cfg.unlabeled_dirs, pm, cm, dataset_json, base,
-                                     num_processes=args.num_processes or default_num_processes)
-        except ValueError as e:
-            _fail(str(e))
-        cfg.unlabeled_cases = [{"case_id": c.case_id, "data_file": c.data_file, "sha256": c.sha256,
-                                "source": list(c.source)} for c in cases]
-        print(f"Unlabeled: {len(cases)} cases ready from {len(cfg.unlabeled_dirs)} folder(s)")
-
+    # the output folder's lock comes first: a run refused here has touched nothing (not the unlabeled cache either)
+    made = _missing_parents(out)
     os.makedirs(out, exist_ok=True)
     from nnunet_pgl.pretraining.lock import RunLock, RunLockedError
-    try:  # held for this process's life (released at exit); the trainer re-takes it in the same process
-        lock = RunLock(out).acquire()
+    try:
+        lock = RunLock(out).acquire()  # the trainer takes it again in this process (or in DDP children)
     except RunLockedError as e:
         _fail(str(e))
-    if lock.stale:
-        print(f"Recovered a stale lock of a dead run (host {lock.stale.get('host')}, pid {lock.stale.get('pid')})")
-    cfg_path = join(out, CONFIG_FILE)
-    cfg.save(cfg_path)
-    os.environ[CONFIG_ENV] = cfg_path
-    print(f"PGL pretraining {dataset_name} {args.configuration} {args.plans}: method {method}, {cfg.epochs} epochs x "
-          f"{cfg.iters_per_epoch} iterations; output {out}")
-
-    device = _device(args.device)
-    from nnunet_pgl.pretraining.pretrainer import NonFiniteLossError
+    ok = False
     try:
+        if lock.stale:
+            print(f"Recovered a stale lock of a dead run (host {lock.stale.get('host')}, pid {lock.stale.get('pid')})")
+        if cfg.unlabeled_dirs:
+            from nnunet_pgl.pretraining.ingest import ingest_unlabeled
+            from nnunetv2.configuration import default_num_processes
+            try:
+                cases = ingest_unlabeled(cfg.unlabeled_dirs, pm, cm, dataset_json, base,
+                                         num_processes=args.num_processes or default_num_processes)
+            except ValueError as e:
+                _fail(str(e))
+            cfg.unlabeled_cases = [{"case_id": c.case_id, "data_file": c.data_file, "sha256": c.sha256,
+                                    "source": list(c.source)} for c in cases]
+            print(f"Unlabeled: {len(cases)} cases ready from {len(cfg.unlabeled_dirs)} folder(s)")
+        ok = True
+        cfg_path = join(out, CONFIG_FILE)
+        cfg.save(cfg_path)
+        os.environ[CONFIG_ENV] = cfg_path
+        print(f"PGL pretraining {dataset_name} {args.configuration} {args.plans}: method {method}, {cfg.epochs} "
+              f"epochs x {cfg.iters_per_epoch} iterations; output {out}")
         if torchrun:
             dist.barrier()
-            run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device)
-            return
-        from nnunetv2.run.run_training import run_training
-        run_training(dataset_name, args.configuration, "all", trainer, args.plans, None, args.num_gpus,
-                     continue_training=args.c, device=device)
-    except NonFiniteLossError as e:
-        print(f"pgl_pretrain: error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+            _train(lambda: run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device))
+        else:
+            from nnunetv2.run.run_training import run_training
+            _train(lambda: run_training(dataset_name, args.configuration, "all", trainer, args.plans, None,
+                                        args.num_gpus, continue_training=args.c, device=device))
     finally:
         lock.release()
+        if not ok:  # stopped before the run began (bad unlabeled input): leave no empty output folders behind
+            for d in [out] + made[::-1]:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+
+
+def _missing_parents(path: str) -> List[str]:
+    """The folders that ``os.makedirs(path)`` would create above ``path``, outermost first."""
+    out: List[str] = []
+    p = os.path.dirname(os.path.abspath(path))
+    while p and not os.path.isdir(p):
+        out.append(p)
+        p = os.path.dirname(p)
+    return out[::-1]
+
+
+def _train(fn: Callable[[], None], who: str = "") -> None:
+    """Run the training; a run stopped by non-finite losses ends with its message and exit code 1."""
+    from nnunet_pgl.pretraining.pretrainer import NonFiniteLossError
+    try:
+        fn()
+    except NonFiniteLossError as e:
+        print(f"pgl_pretrain{who}: error: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    except Exception as e:  # -num_gpus > 1: nnU-Net's mp.spawn re-raises a rank's error as ProcessRaisedException
+        text = str(e)
+        if type(e).__name__ == "ProcessRaisedException" and "NonFiniteLossError: " in text:
+            print(f"pgl_pretrain: error: {text.rsplit('NonFiniteLossError: ', 1)[1].strip()}", file=sys.stderr)
+            raise SystemExit(1)
+        raise
 
 
 def _device(name: str) -> "torch.device":
     import torch
-    if name == "cpu":  # the cores this process may use, shared among the ranks on this node
+    if name == "cpu":  # the cores this process may use, shared evenly by the ranks on this node (assumes they
+        # share one affinity mask, as torchrun / mp.spawn start them)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else multiprocessing.cpu_count()
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
         return torch.device("cpu")

@@ -28,9 +28,10 @@ Caching: a case is reused when an index entry has its sha256 and the current :fu
 three files exist. Files whose (path, size, mtime_ns) match the index are not re-hashed; a touched file is
 re-hashed and re-done only if its content changed.
 
-The folder mirrors the last successful call: it holds exactly the returned cases. Entries of sources that
-disappeared, or that are in none of the folders passed this time, are dropped from the index and their files are
-deleted (the folder is a cache derived from the sources; ingesting them again re-creates them).
+The folder holds the returned cases plus the cases of earlier calls whose sources lie in other folders and still
+exist (another run, e.g. of another method, may be training on them). Cases whose source files disappeared or
+changed, and cases made for other plans, are dropped from the index and their files deleted (the folder is a cache
+derived from the sources; ingesting them again re-creates them).
 
 Writes are atomic: a worker writes ``.pgltmp-<run>-<case_id>*`` in the same folder and fsyncs them; the parent
 ``os.replace``s them to their final names and only then adds the index entry (index rewritten atomically, at most
@@ -551,7 +552,8 @@ def _preprocess_case(files: Tuple[str, ...], case_id: str, sha256: str, out_fold
     """Read, preprocess and write one case under temporary names (fsynced).
 
     Returns ``{'status': 'ok', 'tmp_prefix', 'shape', 'warnings'}``, or ``{'status': 'skip', 'reason'}`` when the
-    reader fails on the files or the image is empty (all zeros). Any other error propagates (after removing the temporary files).
+    reader fails on the files (``reason`` is :data:`VANISHED` if a file no longer exists), the image is empty (all
+    zeros) or has NaN/Inf voxels. Any other error propagates (after removing the temporary files).
     """
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
 
@@ -670,7 +672,11 @@ def _stat(path: str) -> Dict[str, Any]:
 
 def _die_with_parent(parent_pid: int) -> None:
     """Worker initializer: the kernel kills the worker when its parent dies (Linux ``PR_SET_PDEATHSIG``), so a
-    SIGKILLed ingest leaves no orphaned worker behind. Elsewhere the pool's own shutdown is all there is."""
+    SIGKILLed ingest leaves no orphaned worker behind. Elsewhere the pool's own shutdown is all there is.
+
+    Assumes a spawn (or fork) context, whose workers are children of the ingesting process, started from the thread
+    that calls ``submit`` (the death signal follows the creating *thread*); a pool with ``max_tasks_per_child``
+    would restart workers from its manager thread instead."""
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -733,9 +739,9 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
         verbose: print a summary and show progress bars.
 
     Returns:
-        One :class:`UnlabeledCase` per distinct image content, in discovery order. Exactly these cases are in the
-        folder and its ``index.json`` afterwards (see the module docstring for caching, atomicity and the policy on
-        bad inputs).
+        One :class:`UnlabeledCase` per distinct image content, in discovery order. These cases are in the folder
+        and its ``index.json`` afterwards, beside cached cases of other folders (see the module docstring for
+        caching, atomicity and the policy on bad inputs).
 
     Raises:
         IngestError: a folder is missing or has no usable image, multi-channel files do not form complete cases,
@@ -783,9 +789,12 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
                     stat_of[p] = _stat(p)
             except FileNotFoundError:
                 bad_groups.add(i)
+                gone = [p for p in g.hashed if not os.path.exists(p)]
+                for p in gone:
+                    skipped.add(p, VANISHED)
                 for p in g.files:
-                    skipped.add(p, VANISHED if not os.path.exists(p) else "case skipped: another of its files "
-                                                                          "disappeared during ingestion")
+                    if p not in gone:
+                        skipped.add(p, "case skipped: another of its files disappeared during ingestion")
                 continue
             sha = known.get(g.files)
             if sha is not None and all((stat_of[p]["size"], stat_of[p]["mtime_ns"]) == stat_by_sha[sha].get(p)
@@ -804,7 +813,7 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
                     skipped.add(p, reason)
                 for p in g.files:
                     if not any(p == q for q, _ in problems):
-                        skipped.add(p, "case skipped: another of its files is corrupt")
+                        skipped.add(p, "case skipped: another of its files is unusable (see its reason)")
             else:
                 g.sha256 = sha
         if bad_groups:
@@ -814,7 +823,7 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
                     raise IngestError(f"unlabeled folder {folder} contains no usable 3D image:"
                                       + _format_skipped([s for s in skipped.entries
                                                          if os.path.dirname(s[0]) == folder])
-                                      + ". Replace the corrupt files, or remove the folder from the list")
+                                      + ". Replace or restore these files, or remove the folder from the list")
 
         # ---- dedup by content ----
         by_sha: Dict[str, List[_Group]] = {}
@@ -866,38 +875,73 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
             if executor is None and num_processes > 1 and len(tasks) > 1:
                 executor = _executor(num_processes, ctx)
             failed = set()
+            def accept(sha: str, res: Dict[str, Any]) -> None:
+                case_id = "unl_" + sha[:16]
+                for suffix in CASE_FILE_SUFFIXES:
+                    os.replace(res["tmp_prefix"] + suffix, join(out, case_id + suffix))
+                _fsync_dir(out)
+                entries[sha] = _entry(case_id, sha, by_sha[sha], stat_of, fingerprint, res["shape"],
+                                      res["warnings"])
+                case_warnings.extend(res["warnings"])
+
+            def fail(sha: str, gs: Sequence[_Group], reason: str) -> None:
+                failed.add(sha)
+                for g in gs:
+                    for p in g.files:
+                        skipped.add(p, reason)
+
+            retry: List[str] = []
             for j, res in _run_tasks(_preprocess_case, tasks, executor, "Preprocessing unlabeled images", verbose):
                 sha = to_do[j]
-                gs = by_sha[sha]
-                if res["status"] != "ok":
-                    failed.add(sha)
-                    for g in gs:
-                        for p in g.files:
-                            skipped.add(p, res["reason"])
-                    continue
-                case_id = "unl_" + sha[:16]
-                for s in CASE_FILE_SUFFIXES:
-                    os.replace(res["tmp_prefix"] + s, join(out, case_id + s))
-                _fsync_dir(out)
-                entries[sha] = _entry(case_id, sha, gs, stat_of, fingerprint, res["shape"], res["warnings"])
-                case_warnings += res["warnings"]
+                if res["status"] == "ok":
+                    accept(sha, res)
+                elif res["reason"] == VANISHED and len(by_sha[sha]) > 1:
+                    retry.append(sha)  # a duplicate of the vanished file can stand in for it
+                else:
+                    fail(sha, by_sha[sha], res["reason"])
                 if time.monotonic() - last_write > _INDEX_WRITE_INTERVAL_S:
                     _write_index(out, token, _ordered(entries, by_sha))
                     last_write = time.monotonic()
+            for sha in retry:  # rare: in this process, one duplicate after the other
+                while by_sha[sha]:
+                    g = by_sha[sha][0]
+                    if all(os.path.exists(p) for p in g.files):
+                        res = _preprocess_case(g.files, "unl_" + sha[:16], sha, out, token, plans_manager,
+                                               configuration_manager, dataset_json)
+                        if res["status"] == "ok":
+                            accept(sha, res)
+                            break
+                        if res["reason"] != VANISHED:
+                            fail(sha, by_sha[sha], res["reason"])
+                            break
+                    for p in g.files:
+                        skipped.add(p, VANISHED if not os.path.exists(p) else
+                                    "case skipped: another of its files disappeared during ingestion")
+                    by_sha[sha] = by_sha[sha][1:]
+                else:
+                    failed.add(sha)
 
             if not entries:
                 raise IngestError("no unlabeled image could be used:" + _format_skipped(skipped.entries)
                                   + "\nReplace or remove these files")
             index = _ordered(entries, by_sha)
-            if index != old_index or not os.path.isfile(join(out, INDEX_FILE)):  # a no-op run writes nothing
-                _write_index(out, token, index)
-            # the folder mirrors the index: remove cases of vanished or no longer listed sources
-            keep = {e["case_id"] for e in index}
+            # cases of sources in other folders stay while their sources exist: another run may train on them
+            others = [e for e in old_index
+                      if e["sha256"] not in entries and e.get("plans_fingerprint") == fingerprint
+                      and not any(os.path.dirname(p) in folders for p in e.get("source", []))
+                      and all(os.path.isfile(f["path"]) for f in e.get("files", []))
+                      and all(os.path.isfile(join(out, e["case_id"] + x)) for x in CASE_FILE_SUFFIXES)]
+            full = index + others
+            if full != old_index or not os.path.isfile(join(out, INDEX_FILE)):  # a no-op run writes nothing
+                _write_index(out, token, full)
+            # the folder mirrors the index: remove cases of vanished or changed sources, or of other plans
+            keep = {e["case_id"] for e in full}
             matches = [(n, _CASE_FILE_RE.match(n)) for n in os.listdir(out)]
             _remove_quietly(join(out, n) for n, m in matches if m is not None and m.group(1) not in keep)
             dropped = {e["case_id"] for e in old_index} - keep
             if verbose and dropped:
-                print(f"Removed {len(dropped)} cached case(s) whose source is gone or not in the given folders")
+                print(f"Removed {len(dropped)} cached case(s) whose source is gone or changed, or that were made "
+                      f"for other plans")
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)

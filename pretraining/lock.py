@@ -47,33 +47,48 @@ class RunLock:
     def acquire(self) -> "RunLock":
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(3):
+            if self._create(me):
+                self._held = True
+                return self
+            owner = _read(self.path)
+            pid = int(owner.get("pid", -1)) if owner is not None else -1
+            here = owner is not None and owner.get("host") == me["host"]
+            if owner is None:  # unreadable: damaged, or written by a version that created it empty first
+                self.stale = {"host": "?", "pid": "?"}
+            elif here and pid == me["pid"]:  # ours already: pgl_pretrain took it, its trainer takes it again
+                self.stale, self._held = None, True
+                return self
+            elif here and pid == os.getppid():  # a DDP rank spawned by the pgl_pretrain holding it: it releases
+                self.stale, self._held = None, False
+                return self
+            elif here and not _alive(pid):
+                self.stale = owner
+            else:
+                raise RunLockedError(
+                    f"another pgl_pretrain run (host {owner.get('host')}, pid {owner.get('pid')}, started "
+                    f"{owner.get('started')}) is using {os.path.dirname(self.path)}. Wait for it to finish, or "
+                    f"stop it; if it is gone (e.g. its node died), delete {self.path} and rerun with --c") from None
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = _read(self.path)
-                if owner is None:  # half-written by a process killed between create and write: stale
-                    self.stale = {"host": "?", "pid": "?"}
-                elif owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
-                    self.stale = owner
-                elif owner.get("host") == me["host"] and int(owner.get("pid", -1)) in (me["pid"], os.getppid()):
-                    self.stale = None  # ours: pgl_pretrain took it, its trainer (same process or DDP child) re-takes
-                else:
-                    raise RunLockedError(
-                        f"another pgl_pretrain run (host {owner.get('host')}, pid {owner.get('pid')}, started "
-                        f"{owner.get('started')}) is using {os.path.dirname(self.path)}. Wait for it to finish, or "
-                        f"stop it; if it is gone (e.g. its node died), delete {self.path} and rerun with --c") from None
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self._held = True
-            return self
+                os.remove(self.path)
+            except FileNotFoundError:
+                pass
         raise RunLockedError(f"could not take the lock {self.path} (it keeps reappearing); is another run starting?")
+
+    def _create(self, me: Dict[str, Any]) -> bool:
+        """Create the lock file with its content in one step (written aside, then hard-linked into place, which
+        fails if it exists): nobody ever sees an empty lock."""
+        aside = f"{self.path}.{me['pid']}.new"
+        with open(aside, "w") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(aside, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(aside)
 
     def release(self) -> None:
         if self._held:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,6 +74,7 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         self.pgl_log: List[Dict[str, Any]] = []
         self._epoch_stats: Dict[str, Any] = {}
         self.bad_steps_total = 0
+        self._last_checkpoint: Optional[Tuple[str, int]] = None  # (path, epoch) of the newest checkpoint on disk
         self._bad_streak = 0
         self.view_generator: Optional[torch.Generator] = None
         self.pretrain_cases: List[Dict[str, Any]] = []
@@ -291,10 +292,17 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         self.print_to_log_file(f"WARNING: non-finite loss ({value}) at epoch {self.current_epoch}, iteration "
                                f"{self._iter - 1}: step skipped ({self._bad_streak} in a row)")
         if self._bad_streak >= self.pgl_config.max_bad_steps:
-            raise NonFiniteLossError(
-                f"{self._bad_streak} consecutive non-finite losses, the last at epoch {self.current_epoch}, iteration "
-                f"{self._iter - 1}. The run stopped; the last good checkpoint is kept in {self.output_folder}. Lower "
-                "the learning rate (or check the data for NaN/Inf) and resume with --c")
+            if self._last_checkpoint is not None:
+                path, epoch = self._last_checkpoint
+                kept = (f"its last checkpoint, {path} (epoch {epoch}), is kept: lower the learning rate (--lr) or "
+                        f"check the data for NaN/Inf, and resume from it with --c")
+            else:
+                kept = (f"no checkpoint was written yet (the first comes after {self.save_every} epochs): lower the "
+                        f"learning rate (--lr) or check the data for NaN/Inf, and rerun without --c")
+            msg = (f"{self._bad_streak} consecutive non-finite losses, the last at epoch {self.current_epoch}, "
+                   f"iteration {self._iter - 1}. The run stopped; {kept}")
+            self.print_to_log_file(f"ERROR: {msg}")
+            raise NonFiniteLossError(msg)
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         if self._show_progress:
@@ -434,6 +442,7 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, filename)
+        self._last_checkpoint = (filename, self.current_epoch + 1)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
@@ -455,6 +464,8 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         self.pgl_log = list(ckpt.get("pgl_log", []))
         self.current_epoch = ckpt["current_epoch"]
         self.bad_steps_total = ckpt.get("bad_steps_total", 0)
+        if isinstance(filename_or_checkpoint, str):
+            self._last_checkpoint = (filename_or_checkpoint, self.current_epoch)
 
 
 class nnUNetPretrainerBYOL(nnUNetPretrainerPGL):

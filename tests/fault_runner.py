@@ -6,6 +6,8 @@ Environment variables (all optional; unset means no fault):
   process* whose loss is replaced by NaN / +Inf (the loss function's output is multiplied, so the graph is real).
 - ``PGL_FAULT_SLOW_SAVE``: seconds that every ``torch.save`` takes; the bytes are written in 8 flushed chunks with
   pauses between them, so that a kill can land in the middle of a checkpoint write. The bytes are unchanged.
+- ``PGL_FAULT_PAUSE_SAVE``: a path; the first ``torch.save`` writes half of its bytes, flushes them, creates that
+  file (the signal for a test to kill now) and waits there for 10 minutes.
 
 The patches act on this process only (not on spawned ingest workers), which is all the tests need.
 """
@@ -42,7 +44,8 @@ def install() -> None:
         pretrainer.pgl_loss = faulty_loss
 
     delay = float(os.environ.get("PGL_FAULT_SLOW_SAVE", "0") or 0)
-    if delay > 0:
+    marker = os.environ.get("PGL_FAULT_PAUSE_SAVE")
+    if delay > 0 or marker:
         real_save = torch.save
 
         def slow_save(obj, f, *args, **kwargs):
@@ -55,6 +58,9 @@ def install() -> None:
                 for i in range(8):
                     fh.write(data[i * len(data) // 8:(i + 1) * len(data) // 8])
                     fh.flush()
+                    if marker and i == 3:
+                        open(marker, "w").close()
+                        time.sleep(600)
                     time.sleep(delay / 8)
             finally:
                 if own:

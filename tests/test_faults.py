@@ -109,9 +109,14 @@ def epoch_lines(log: Path) -> List[Tuple[datetime.datetime, int]]:
 def phase_of(log: Path, out: Path) -> str:
     """What the run was doing, from its output and files."""
     text = log.read_text() if log.exists() else ""
-    if out.is_dir() and any(n.endswith(".tmp") and time.time() - (out / n).stat().st_mtime < 1.0
-                            for n in os.listdir(out)):
-        return "checkpoint write"  # a temporary checkpoint written to right now (not a leftover of a killed run)
+    def fresh(name: str) -> bool:  # written to right now (not a leftover of a killed run)
+        try:
+            return time.time() - (out / name).stat().st_mtime < 1.0
+        except FileNotFoundError:  # renamed meanwhile
+            return False
+
+    if out.is_dir() and any(n.endswith(".tmp") and fresh(n) for n in os.listdir(out)):
+        return "checkpoint write"
     if "Unlabeled: " not in text:
         return "ingestion" if "Unlabeled images:" in text else "start-up"
     lines = epoch_lines(log)
@@ -159,16 +164,18 @@ def test_kill_anywhere_then_resume(fault_env):
     report, last_epoch = [], 0
     for k in range(12):
         log = tmp / f"run{k}.log"
+        marker = tmp / "half_written"
         with open(log, "w") as fh:
-            p = subprocess.Popen(args + ["--c"], env=kill, stdout=fh, stderr=subprocess.STDOUT)
+            p = subprocess.Popen(args + ["--c"], env=dict(kill, PGL_FAULT_PAUSE_SAVE=str(marker)) if k == 1 else kill,
+                                 stdout=fh, stderr=subprocess.STDOUT)
         t1 = time.monotonic()
         if k == 0:  # while the unlabeled images are preprocessed: a worker has written a temporary case file
             while p.poll() is None and not (cache.is_dir() and any(n.startswith(".pgltmp-") for n in os.listdir(cache))):
+                assert "Unlabeled: " not in log.read_text(), "ingestion ended before a temporary case file was seen"
                 time.sleep(0.005)
-        elif k == 1:  # in the middle of writing checkpoint_latest.pth
-            tmp_ckpt = out / "checkpoint_latest.pth.tmp"
-            while p.poll() is None and not (tmp_ckpt.exists() and tmp_ckpt.stat().st_size > 0):
-                time.sleep(0.005)
+        elif k == 1:  # in the middle of writing checkpoint_latest.pth: half of it is written, the run waits
+            while p.poll() is None and not marker.exists():
+                time.sleep(0.01)
         else:  # random: a moment of start-up (always once 3 epochs are done, so that work remains), else of
             # the first 1.3 epochs after start-up
             u_start, u_epoch, startup = rng.uniform(0.1, 1.0), rng.uniform(0.0, 1.3), rng.random() < 0.3
@@ -195,7 +202,7 @@ def test_kill_anywhere_then_resume(fault_env):
             assert procs, "the ingest worker processes should have been running"
         if k == 1:
             assert phase == "checkpoint write"
-            with pytest.raises(Exception):  # the partial file is really partial ...
+            with pytest.raises((RuntimeError, EOFError, pickle.UnpicklingError)):  # really partial ...
                 torch.load(out / "checkpoint_latest.pth.tmp", weights_only=True)
         epoch = max(epochs.values(), default=0)
         assert epoch >= last_epoch, "a kill lost a complete checkpoint"
@@ -231,20 +238,30 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(planned, tmp_path):
             "--save-every", "1", "--method", "byol", "--num-workers", "1"]
     p = subprocess.run(args, env=env, capture_output=True, text=True)
     assert p.returncode == 1, p.stderr[-3000:]
-    assert ("pgl_pretrain: error: 5 consecutive non-finite losses, the last at epoch 2, iteration 2. The run stopped; "
-            "the last good checkpoint is kept in") in p.stderr
+    out = tmp_path / DATASET / "nnUNetPretrainerBYOL__nnUNetPlans__3d_fullres" / "fold_all"
+    msg = (f"5 consecutive non-finite losses, the last at epoch 2, iteration 2. The run stopped; its last checkpoint, "
+           f"{out / 'checkpoint_latest.pth'} (epoch 2), is kept: lower the learning rate (--lr) or check the data "
+           f"for NaN/Inf, and resume from it with --c")
+    assert f"pgl_pretrain: error: {msg}" in p.stderr and f"ERROR: {msg}" in p.stdout
     assert "Traceback" not in p.stderr
     assert "non-finite loss (inf) at epoch 0, iteration 1: step skipped (1 in a row)" in p.stdout
     assert "non-finite loss (nan) at epoch 1, iteration 1: step skipped (1 in a row)" in p.stdout
-    out = tmp_path / DATASET / "nnUNetPretrainerBYOL__nnUNetPlans__3d_fullres" / "fold_all"
     assert checkpoint_epochs(out) == {"checkpoint_latest.pth": 2}  # finite weights: bad steps never updated them
     ck = torch.load(out / "checkpoint_latest.pth", weights_only=True)
     assert ck["bad_steps_total"] == 3 and [r["bad_steps"] for r in ck["pgl_log"]] == [1, 2]
     assert not (out / "pgl_pretrain.lock").exists()
-    env = {k: v for k, v in env.items() if not k.startswith("PGL_FAULT")}
-    p = run(args + ["--c"], env)
+    clean = {k: v for k, v in env.items() if not k.startswith("PGL_FAULT")}
+    p = run(args + ["--c"], clean)
     assert checkpoint_epochs(out) == {"checkpoint_final.pth": 4}
     assert "Epoch 2" in p.stdout and "Epoch 1" not in p.stdout
+    # five bad steps before the first checkpoint: nothing to resume from, and the message says so
+    env = dict(clean, nnUNet_results=str(tmp_path / "early"), PGL_FAULT_NAN_STEPS="0,1,2,3,4")
+    p = subprocess.run([sys.executable, RUNNER, "-d", "991", "-device", "cpu", "--epochs", "4", "--iters-per-epoch",
+                        "3", "--save-every", "5", "--method", "byol", "--num-workers", "0"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 1
+    assert ("epoch 1, iteration 1. The run stopped; no checkpoint was written yet (the first comes after 5 epochs): "
+            "lower the learning rate (--lr) or check the data for NaN/Inf, and rerun without --c") in p.stderr
 
 
 def test_second_run_on_the_same_folder_is_refused(planned, tmp_path):
@@ -255,10 +272,12 @@ def test_second_run_on_the_same_folder_is_refused(planned, tmp_path):
     args = [sys.executable, RUNNER, "-d", "991", "-device", "cpu", "--epochs", "100", "--iters-per-epoch", "1",
             "--method", "byol", "--num-workers", "0"]
     lock = tmp_path / DATASET / "nnUNetPretrainerBYOL__nnUNetPlans__3d_fullres" / "fold_all" / "pgl_pretrain.lock"
-    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "first.log"
+    with open(log, "w") as fh:
+        first = subprocess.Popen(args, env=dict(env, PYTHONUNBUFFERED="1"), stdout=fh, stderr=subprocess.STDOUT)
     try:
-        t0 = time.monotonic()
-        while not lock.exists() and first.poll() is None and time.monotonic() - t0 < 300:
+        t0 = time.monotonic()  # until its trainer runs: the lock is taken for good by then
+        while not epoch_lines(log) and first.poll() is None and time.monotonic() - t0 < 300:
             time.sleep(0.05)
         owner = json.loads(lock.read_text())
         assert owner["pid"] == first.pid

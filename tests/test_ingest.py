@@ -464,6 +464,45 @@ def test_file_disappearing_during_ingestion_is_skipped(tmp_path, pm_cm, dataset_
     assert len([n for n in folder_files(base) if n.endswith(".b2nd")]) == 2  # data + seg of the good case only
 
 
+def test_duplicate_stands_in_for_a_vanished_file(tmp_path, pm_cm, dataset_json, base, monkeypatch):
+    src = tmp_path / "unl"
+    src.mkdir()
+    a = write_image(ct(99), src / "a.nii.gz")
+    b = src / "b.nii.gz"
+    b.write_bytes(Path(a).read_bytes())  # the same content under another name
+    real = ingest._preprocess_case
+
+    def vanish_a(files, *args, **kw):
+        if a in files and os.path.exists(a):
+            os.remove(a)
+        return real(files, *args, **kw)
+
+    monkeypatch.setattr(ingest, "_preprocess_case", vanish_a)
+    with pytest.warns(IngestWarning, match=r"a\.nii\.gz: the file disappeared during ingestion"):
+        cases = run([src], pm_cm, dataset_json, base)
+    assert [c.source for c in cases] == [(str(b),)]
+    assert [e["source"] for e in read_index(base)] == [[str(b)]]
+
+
+def test_cases_of_other_folders_stay_cached(tmp_path, pm_cm, dataset_json, base, count_calls):
+    """Another run (e.g. of another method) may train on folder A's cases while folder B is ingested alone."""
+    src_a, src_b = tmp_path / "a", tmp_path / "b"
+    src_a.mkdir()
+    src_b.mkdir()
+    write_image(ct(140), src_a / "a.nii.gz")
+    write_image(ct(141), src_b / "b.nii.gz")
+    first = run([src_a], pm_cm, dataset_json, base)
+    second = run([src_b], pm_cm, dataset_json, base)
+    assert [c.source for c in second] == [(str(src_b / "b.nii.gz"),)]
+    assert [e["case_id"] for e in read_index(base)] == [second[0].case_id, first[0].case_id]
+    assert os.path.isfile(first[0].data_file)
+    assert run([src_a], pm_cm, dataset_json, base) == first and count_calls["preprocess"] == 2  # reused
+    os.remove(src_a / "a.nii.gz")  # its source is gone: the cached case goes too
+    run([src_b], pm_cm, dataset_json, base)
+    assert [e["case_id"] for e in read_index(base)] == [second[0].case_id]
+    assert not os.path.exists(first[0].data_file)
+
+
 def test_nan_voxels_are_skipped(tmp_path, pm_cm, dataset_json, base):
     src = tmp_path / "unl"
     src.mkdir()

@@ -41,3 +41,14 @@ def test_half_written_lock_is_stale(tmp_path):
     with RunLock(str(tmp_path)) as lock:
         assert lock.stale is not None
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_retaking_our_own_lock_keeps_it_unchanged(tmp_path):
+    first = RunLock(str(tmp_path)).acquire()
+    before = (tmp_path / LOCK_NAME).read_text()
+    again = RunLock(str(tmp_path)).acquire()  # the trainer in the process that pgl_pretrain locked for
+    assert again.stale is None and (tmp_path / LOCK_NAME).read_text() == before
+    again.release()
+    first.release()
+    assert not (tmp_path / LOCK_NAME).exists()
+    assert os.listdir(tmp_path) == []  # nothing left beside it either

@@ -97,3 +97,9 @@ def test_bad_dataset_messages(planned):
     p = subprocess.run([f"{BIN}/pgl_pretrain", "-d", "991", "-c", "3d_nope", "-device", "cpu"], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 2 and "configuration '3d_nope'" in p.stderr
+    # bad unlabeled input: refused before any output folder exists
+    p = subprocess.run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--method", "pgl+byol", "--unlabeled",
+                        "/nonexistent/unlabeled"], env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "unlabeled folder '/nonexistent/unlabeled' does not exist" in p.stderr
+    assert not os.path.exists(os.path.join(env["nnUNet_results"], DATASET,
+                                           "nnUNetPretrainerPGLBYOL__nnUNetPlans__3d_fullres"))
