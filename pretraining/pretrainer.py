@@ -231,6 +231,8 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
                               cfg.warmup_epochs * self.num_iterations_per_epoch)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        tau = tau_schedule(step, self.total_steps, cfg.base_tau)
+        self._epoch_stats["lr"], self._epoch_stats["tau"] = lr, tau
         # per-step seed: views and intensity draws of step k are the same in a resumed and an uninterrupted run
         self.view_generator.manual_seed(hash((cfg.seed, self.local_rank, step)) & 0xFFFF_FFFF_FFFF)
         region = batch["data"].to(self.device, non_blocking=True)
@@ -270,9 +272,7 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             self.optimizer.step()
-        tau = tau_schedule(step, self.total_steps, cfg.base_tau)
         ema_update_(self.target, self.online, tau)
-        self._epoch_stats["lr"], self._epoch_stats["tau"] = lr, tau
         self._epoch_stats["losses"].append(loss.detach())
         self._epoch_stats["levels"].append(torch.stack([lv.detach() for lv in per_level]) if per_level else None)
         if glob is not None:
@@ -318,7 +318,10 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
             stats = stats.to(self.device)
             dist.all_reduce(stats)
             stats = stats.cpu()
-        n = max(float(stats[-1]), 1.0)
+        n = float(stats[-1])
+        if n == 0:  # every step of the epoch was skipped (non-finite losses): no loss to report
+            st["loss"], st["level_losses"], st["global_loss"] = None, None, None
+            return
         st["loss"] = float(stats[0]) / n
         st["level_losses"] = [float(v) / n for v in stats[1:-2]]
         st["global_loss"] = float(stats[-2]) / n if st["global"] else None
@@ -349,7 +352,8 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         parts = [f"level {l}: {v:.4f}" for l, v in zip(rec["levels"], rec["level_losses"] or [])]
         if rec["global_loss"] is not None:
             parts.append(f"global: {rec['global_loss']:.4f}")
-        self.print_to_log_file(f"loss {rec['loss']:.4f} ({', '.join(parts)}) lr {rec['lr']:.5f} tau {rec['tau']:.5f}")
+        loss = f"{rec['loss']:.4f} ({', '.join(parts)})" if rec["loss"] is not None else "n/a (every step skipped)"
+        self.print_to_log_file(f"loss {loss} lr {rec['lr']:.5f} tau {rec['tau']:.5f}")
         self.print_to_log_file(f"Epoch time: {dt:.2f} s, data wait {100 * rec['data_wait_fraction']:.1f} %, "
                                f"{rec['views_per_s']:.1f} views/s")
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
@@ -490,12 +494,13 @@ def plot_pgl_progress(log: List[Dict[str, Any]], path: str) -> None:
         return
     ep = [r["epoch"] for r in log]
     fig, ax = plt.subplots(4, 1, figsize=(10, 14))
-    ax[0].plot(ep, [r["loss"] for r in log], "b-", label="total")
+    ax[0].plot(ep, [np.nan if r["loss"] is None else r["loss"] for r in log], "b-", label="total")
     for i, lvl in enumerate(log[-1]["levels"]):
         ax[0].plot(ep, [r["level_losses"][i] if r["level_losses"] and i < len(r["level_losses"]) else np.nan
                         for r in log], "--", label=f"level {lvl}")
     if log[-1].get("global_loss") is not None:
-        ax[0].plot(ep, [r.get("global_loss") for r in log], ":", label="global (BYOL)")
+        ax[0].plot(ep, [np.nan if r.get("global_loss") is None else r["global_loss"] for r in log], ":",
+                   label="global (BYOL)")
     ax[0].set_ylabel("loss"), ax[0].legend()
     ax[1].plot(ep, [r["lr"] for r in log], "g-", label="learning rate")
     ax[1].set_ylabel("learning rate")
