@@ -87,7 +87,7 @@ def test_two_cpu_ranks_stay_in_sync(planned):
     assert seen == set(splits[0]["train"]) and not seen & set(splits[0]["val"])
 
 
-def test_bad_dataset_messages(planned):
+def test_bad_dataset_messages(planned, tmp_path):
     env, _, _ = planned
     p = subprocess.run([f"{BIN}/pgl_pretrain", "-d", "555", "-device", "cpu"], env=env, capture_output=True, text=True)
     assert p.returncode == 2 and "nnUNetv2_plan_and_preprocess -d 555" in p.stderr
@@ -98,8 +98,8 @@ def test_bad_dataset_messages(planned):
                        capture_output=True, text=True)
     assert p.returncode == 2 and "configuration '3d_nope'" in p.stderr
     # bad unlabeled input: refused before any output folder exists
-    p = subprocess.run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--method", "pgl+byol", "--unlabeled",
-                        "/nonexistent/unlabeled"], env=env, capture_output=True, text=True)
+    p = subprocess.run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--unlabeled",
+                        "/nonexistent/unlabeled"], env=dict(env, nnUNet_results=str(tmp_path)), capture_output=True,
+                       text=True)
     assert p.returncode == 2 and "unlabeled folder '/nonexistent/unlabeled' does not exist" in p.stderr
-    assert not os.path.exists(os.path.join(env["nnUNet_results"], DATASET,
-                                           "nnUNetPretrainerPGLBYOL__nnUNetPlans__3d_fullres"))
+    assert os.listdir(tmp_path) == []
