@@ -266,7 +266,9 @@ def main() -> None:
     print(f"loader + on-device views, pairs/s by workers: "
           + ", ".join(f"{k}: {v:.1f}" for k, v in pairs_per_s.items())
           + f" (the PGL step consumes {bs / (med_pgl / 1000):.1f} pairs/s)")
-    print(f"data-wait fraction of a short real pgl_pretrain run: {results['data_wait_fraction']}")
+    wait = results["data_wait_fraction"]
+    print(f"data wait of a short real pgl_pretrain run (4 workers): "
+          f"{'not measured' if wait is None else '%.2f %%' % (100 * wait)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
