@@ -281,7 +281,18 @@ def test_second_run_on_the_same_folder_is_refused(planned, tmp_path):
             time.sleep(0.05)
         owner = json.loads(lock.read_text())
         assert owner["pid"] == first.pid
-        p = subprocess.run(args, env=env, capture_output=True, text=True)
+        # the second run names an unlabeled folder too: refused before ingesting, it leaves the cache as it was
+        unl = tmp_path / "unlabeled"
+        unl.mkdir()
+        from nnunet_pgl.pretraining.synthetic import make_case
+        im = sitk.GetImageFromArray(make_case(shape=(24, 48, 48), rng=np.random.default_rng(9))[0])
+        im.SetSpacing((1.0, 1.0, 2.5))
+        sitk.WriteImage(im, str(unl / "u.nii.gz"))
+        cache = Path(env["nnUNet_preprocessed"]) / CACHE
+        before = sorted(os.listdir(cache)) if cache.is_dir() else None
+        p = subprocess.run(args + ["--unlabeled", str(unl)], env=env, capture_output=True, text=True)
+        assert (sorted(os.listdir(cache)) if cache.is_dir() else None) == before
+        assert "Unlabeled images:" not in p.stdout
         assert p.returncode == 2
         assert (f"another pgl_pretrain run (host {owner['host']}, pid {first.pid}, started {owner['started']}) is "
                 f"using {lock.parent}. Wait for it to finish, or stop it") in p.stderr
