@@ -62,13 +62,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["nnunet_pgl", "nnunet_pgl.pretraining", "nnunet_pgl.trainers"],
+    packages=["nnunet_pgl", "nnunet_pgl.pretraining", "nnunet_pgl.trainers", "nnunet_pgl.evaluation"],
     py_modules=["nnunet_pgl_ext"],
     cmdclass=cmdclass,
     package_dir={
         "nnunet_pgl": "nnunet_pgl",
         "nnunet_pgl.pretraining": "pretraining",
         "nnunet_pgl.trainers": "trainers",
+        "nnunet_pgl.evaluation": "evaluation",
     },
     package_data={"nnunet_pgl.trainers": ["ext/*.py"]},
     install_requires=[
@@ -93,6 +94,8 @@ setup(
             "pgl_env=nnunet_pgl.trainers.discovery:main",
             "pgl_compare=nnunet_pgl.pretraining.compare:main",
             "pgl_demo=nnunet_pgl.pretraining.demo:main",
+            "pgl_transfer=nnunet_pgl.trainers.transfer:main",
+            "pgl_probe=nnunet_pgl.evaluation.probe_cli:main",
         ],
     },
 )

@@ -1,14 +1,16 @@
 """Time the stock nnU-Net supervised train step against the pgl_pretrain step, same plan, batch and device.
 
     python benchmarks/pretrain_speed.py [--tiny] [-d D -c C -p P] [--steps N] [--json PATH]
+    python benchmarks/pretrain_speed.py --patch 128 128 128 --case-scale 2.6 --loader-only   # data path alone
 
 ``--tiny`` makes a small synthetic CT dataset in a temporary folder and plans it with stock nnU-Net (a CI-sized
 plan); otherwise ``-d`` names a planned and preprocessed dataset (``nnUNet_*`` variables set). Both trainers are
 built by nnU-Net's own code from the same plans; batches are already on the device (random data of the right
-shape: the supervised step gets a patch batch with deep-supervision targets, the PGL step a region batch from which
-it makes the views). Reports medians of ``--steps`` steps after warm-up (CUDA events on GPU; on CPU the two steps
-alternate, so that load drift on the host hits both alike), peak device memory,
-the ratios, and writes JSON.
+shape: the supervised step gets a patch batch with deep-supervision targets, the PGL step a batch of region pairs
+from which it makes the views). The data path (loader workers reading region pairs from blosc2, views made on the
+device) is measured after the steps, or alone with ``--loader-only``. Reports medians of ``--steps`` steps after
+warm-up (CUDA events on GPU; on CPU the two steps alternate, so that load drift on the host hits both alike), peak
+device memory, the ratios, the loader's pairs/s, and writes JSON.
 """
 from __future__ import annotations
 
@@ -120,6 +122,121 @@ def _short_run_wait(args, dataset_name: str, device) -> Any:
     return None
 
 
+def _data_path(files: List[str], patch, bs: int, scale_range, min_overlap: float, device,
+               workers_list=(0, 2, 4)) -> Dict[str, Any]:
+    """Pairs/s delivered by the region loader (``RegionDataset`` + ``TimedLoader``) with the views made on
+    ``device``, per number of workers; the regions' bytes per pair; the mean overlap of the pairs made."""
+    import torch
+    from nnunet_pgl import make_view_pair
+    from nnunet_pgl.pretraining.loader import RegionDataset, TimedLoader, region_size_for
+    from nnunet_pgl.views import pair_overlap
+
+    region = region_size_for(patch, scale_range[1])
+    out: Dict[str, Any] = {"region_size": list(region), "regions_per_pair": 2, "files": len(files),
+                           "pairs_per_s": {}, "read_ms_per_pair": {}}
+    overlaps = []
+    for workers in workers_list:
+        ds = RegionDataset(files, region, bs, seed=0, patch_size=patch, scale_range=tuple(scale_range),
+                           min_overlap=min_overlap)
+        loader = TimedLoader(ds, workers, pin_memory=device.type == "cuda")
+        n = 3 * max(workers, 1) + 5
+        b = next(loader)  # start the workers
+        out["mb_per_pair"] = b["data"][0].numel() * b["data"].element_size() / 2 ** 20
+        t0 = time.perf_counter()
+        for _ in range(n):
+            b = next(loader)
+            d = b["data"].to(device, non_blocking=True)
+            _, _, pa, pb = make_view_pair(d[:, 0], patch, scale_range=tuple(scale_range), min_overlap=min_overlap,
+                                          region_offset=b["offset"][:, 0], region_b=d[:, 1],
+                                          region_offset_b=b["offset"][:, 1])
+            overlaps.append(pair_overlap(pa, pb).cpu())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        out["pairs_per_s"][str(workers)] = n * bs / dt
+        out["read_ms_per_pair"][str(workers)] = 1000 * dt / (n * bs) * max(workers, 1)  # per worker process
+        loader.close()
+    out["mean_overlap"] = float(torch.cat(overlaps).mean())
+    out["overlap_below_20pct"] = float((torch.cat(overlaps) < 0.2).float().mean())
+    out["read_cpu_ms_per_item"] = _read_costs(files, patch, scale_range, min_overlap)
+    return out
+
+
+def _read_costs(files: List[str], patch, scale_range, min_overlap: float, items: int = 16) -> Dict[str, float]:
+    """CPU time (this process, 1 blosc2 thread; insensitive to other jobs' load) of reading one batch item: a pair
+    of regions as the loader reads it, one region of the same size (what the loader read before view pairs had
+    two regions), and one cube that admits the pairs down to ``min_overlap`` (the alternative); medians."""
+    import blosc2
+    import numpy as np
+    from nnunet_pgl.pretraining.loader import RegionDataset, cube_region_size_for, read_region, region_size_for
+
+    region = region_size_for(patch, scale_range[1])
+    cube = cube_region_size_for(patch, scale_range, min_overlap)
+    ds = RegionDataset(files, region, 1, seed=0, patch_size=patch, scale_range=tuple(scale_range),
+                       min_overlap=min_overlap)
+    blosc2.set_nthreads(1)
+    rng = np.random.default_rng(0)
+
+    def one(size) -> None:
+        arr = ds._array(files[int(rng.integers(len(files)))])
+        start = [int(rng.integers(0, n - r + 1)) if n >= r else -((r - n) // 2) for n, r in zip(arr.shape[1:], size)]
+        read_region(arr, start, size)
+
+    out = {}
+    for name, fn in (("pair", lambda: ds.sample(rng)), ("one_region", lambda: one(region)),
+                     ("cube", lambda: one(cube))):
+        fn()
+        t = []
+        for _ in range(items):
+            t0 = time.process_time()
+            fn()
+            t.append(1000 * (time.process_time() - t0))
+        out[name] = statistics.median(t)
+    return out
+
+
+def _print_data_path(d: Dict[str, Any]) -> None:
+    print(f"data path: {d['regions_per_pair']} regions of {d['region_size']} per pair, {d['mb_per_pair']:.1f} MiB "
+          f"per pair (read and host->device), {d['files']} cases")
+    print("loader + on-device views, pairs/s by workers: "
+          + ", ".join(f"{k}: {v:.1f}" for k, v in d["pairs_per_s"].items())
+          + "; ms per pair and worker process: "
+          + ", ".join(f"{k}: {v:.0f}" for k, v in d["read_ms_per_pair"].items()))
+    print(f"view pairs made: mean overlap {100 * d['mean_overlap']:.1f} %, "
+          f"{100 * d['overlap_below_20pct']:.1f} % below 20 %")
+    c = d["read_cpu_ms_per_item"]
+    print(f"read CPU time per batch item (1 thread): pair of regions {c['pair']:.1f} ms, one region "
+          f"{c['one_region']:.1f} ms ({c['pair'] / c['one_region']:.2f}x), one cube admitting the pairs "
+          f"{c['cube']:.1f} ms ({c['cube'] / c['one_region']:.2f}x)")
+
+
+def _loader_only(args, name: str, device) -> None:
+    """``--loader-only``: the data path alone (no network is built), on the dataset's preprocessed cases."""
+    import glob
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_pgl.pretraining.config import PretrainConfig
+
+    cm = PlansManager(load_json(join(nnUNet_preprocessed, name, args.plans + ".json"))).get_configuration(
+        args.configuration)
+    files = sorted(f for f in glob.glob(join(nnUNet_preprocessed, name, cm.data_identifier, "*.b2nd"))
+                   if not f.endswith("_seg.b2nd"))
+    cfg = PretrainConfig()
+    patch, bs = list(cm.patch_size), cm.batch_size
+    d = _data_path(files, patch, bs, cfg.scale_range, cfg.min_overlap, device)
+    print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, patch {patch}, batch {bs} "
+          f"(pairs), threads {torch.get_num_threads()}")
+    _print_data_path(d)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"dataset": name, "plans": args.plans, "patch_size": patch, "batch_size": bs, "loader": d,
+                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}, f, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
@@ -130,10 +247,15 @@ def main() -> None:
                     help="benchmark this patch: a synthetic dataset (cases 1.4x the patch) is planned by nnU-Net, "
                          "then plans with this patch, --batch and nnU-Net's topology for it (--arch) are written")
     ap.add_argument("--spacing", type=float, nargs=3, default=[1.0, 1.0, 1.0], help="with --patch (z y x, mm)")
+    ap.add_argument("--case-scale", type=float, default=1.4,
+                    help="with --patch: synthetic cases of ceil(F x patch) voxels (default 1.4; a pair's two "
+                         "regions span up to ~2.6x the patch, so use >= 2.6 to measure reads without padding)")
     ap.add_argument("--batch", type=int, default=2, help="with --patch: batch size (pairs for PGL)")
     ap.add_argument("--arch", choices=["plain", "resenc"], default="plain", help="with --patch: network family")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 5 on CPU)")
     ap.add_argument("--no-run", action="store_true", help="skip the short real pgl_pretrain run (data wait)")
+    ap.add_argument("--loader-only", action="store_true",
+                    help="measure only the data path (loader workers + views on the device): no network is built")
     ap.add_argument("--workdir", default=None, help="with --tiny/--patch: folder of the synthetic dataset, reused "
                                                     "if it is already planned there (default: a new temp folder)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -142,7 +264,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny or args.patch:
         tmp = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="pgl_bench_")
-        shape = [int(math.ceil(1.4 * p)) for p in args.patch] if args.patch else [24, 48, 48]
+        shape = [int(math.ceil(args.case_scale * p)) for p in args.patch] if args.patch else [24, 48, 48]
         spacing = args.spacing if args.patch else [2.5, 1.0, 1.0]
         if os.path.isfile(os.path.join(tmp, "pre", "Dataset993_PGLBench", "nnUNetPlans.json")):
             os.environ.update(nnUNet_raw=os.path.join(tmp, "raw"), nnUNet_preprocessed=os.path.join(tmp, "pre"),
@@ -163,8 +285,12 @@ def main() -> None:
 
     from nnunet_pgl.pretraining.loader import region_size_for
     from nnunet_pgl.pretraining.pretrainer import nnUNetPretrainerPGL
+    from nnunet_pgl.views import draw_pair_offsets
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.loader_only:
+        _loader_only(args, maybe_convert_to_dataset_name(args.dataset), device)
+        return
     steps = args.steps or (20 if device.type == "cuda" else 5)
     warmup = 5 if device.type == "cuda" else 1
     name = maybe_convert_to_dataset_name(args.dataset)
@@ -208,9 +334,14 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
 
     pgl = trainer(nnUNetPretrainerPGL)
-    region = region_size_for(patch, pgl.pgl_config.scale_range[1])
-    batch = {"data": torch.randn(bs, pgl.num_input_channels, *region, device=device),
-             "offset": torch.zeros(bs, 3, dtype=torch.long, device=device)}
+    cfg = pgl.pgl_config
+    region = region_size_for(patch, cfg.scale_range[1])
+    # a loader batch: each pair's two regions, offsets drawn as the loader draws them (kept on the host, as pinned
+    # loader batches are)
+    delta = draw_pair_offsets(bs, region, patch, tuple(cfg.scale_range), cfg.min_overlap,
+                              torch.Generator().manual_seed(0))
+    batch = {"data": torch.randn(bs, 2, pgl.num_input_channels, *region, device=device),
+             "offset": torch.stack([torch.zeros_like(delta), delta], dim=1)}
     pgl.dataloader_train = None
     pgl.on_epoch_start()
     pgl.on_train_epoch_start()
@@ -230,29 +361,16 @@ def main() -> None:
     if args.profile:
         _profile(pgl_step, "pgl_pretrain step", args.profile, device)
 
-    # the real data path: loader workers read regions from blosc2, views are made on the device
-    from nnunet_pgl import make_view_pair
-    from nnunet_pgl.pretraining.loader import RegionDataset, TimedLoader
+    # the real data path: loader workers read region pairs from blosc2, views are made on the device
     files = [c["data_file"] for c in pgl._case_lists()]
-    pairs_per_s: Dict[str, float] = {}
-    for workers in (0, 2, 4):
-        loader = TimedLoader(RegionDataset(files, region, bs, seed=0), workers, pin_memory=device.type == "cuda")
-        n = 3 * max(workers, 1) + 5
-        next(loader)  # start the workers
-        t0 = time.perf_counter()
-        for _ in range(n):
-            b = next(loader)
-            make_view_pair(b["data"].to(device, non_blocking=True), patch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        pairs_per_s[str(workers)] = n * bs / (time.perf_counter() - t0)
-        loader.close()
+    data_path = _data_path(files, patch, bs, cfg.scale_range, cfg.min_overlap, device)
+    pairs_per_s = data_path["pairs_per_s"]
     med_sup, med_pgl = statistics.median(t_sup), statistics.median(t_pgl)
     results.update(supervised_step_ms=med_sup, pgl_step_ms=med_pgl, step_ratio=med_pgl / med_sup,
                    supervised_peak_mem_gib=mem_sup, pgl_peak_mem_gib=mem_pgl,
                    memory_ratio=(mem_pgl / mem_sup) if mem_sup else None,
                    data_wait_fraction=None if args.no_run else _short_run_wait(args, name, device),
-                   loader_pairs_per_s=pairs_per_s,
+                   loader_pairs_per_s=pairs_per_s, loader=data_path,
                    pgl_pairs_per_s_needed=bs / (med_pgl / 1000),
                    levels=pgl.online.loss_levels, threads=torch.get_num_threads())
     print(f"device {results['device']}, patch {patch}, batch {bs} (pairs), loss levels {pgl.online.loss_levels}, "
@@ -263,9 +381,8 @@ def main() -> None:
     print(f"| pgl_pretrain | {med_pgl:.1f} | {mem_pgl if mem_pgl is None else round(mem_pgl, 2)} |")
     print(f"| ratio | {med_pgl / med_sup:.2f}x | "
           f"{'n/a' if not mem_sup else '%.2fx' % (mem_pgl / mem_sup)} |")
-    print(f"loader + on-device views, pairs/s by workers: "
-          + ", ".join(f"{k}: {v:.1f}" for k, v in pairs_per_s.items())
-          + f" (the PGL step consumes {bs / (med_pgl / 1000):.1f} pairs/s)")
+    _print_data_path(data_path)
+    print(f"(the PGL step consumes {bs / (med_pgl / 1000):.1f} pairs/s)")
     wait = results["data_wait_fraction"]
     print(f"data wait of a short real pgl_pretrain run (4 workers): "
           f"{'not measured' if wait is None else '%.2f %%' % (100 * wait)}")

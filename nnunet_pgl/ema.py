@@ -1,11 +1,14 @@
 """The EMA target and the schedules, as small pure functions.
 
 *Note* (paper vs ours): BYOL's τ schedule (0.996 → 1, cosine) is used as stated for PGL; buffers (e.g. norm
-running statistics, if the plans use BatchNorm) are averaged the same way, integer buffers are copied.
+running statistics, if the plans use BatchNorm) are averaged the same way, integer buffers are copied. When a
+resumed run changes its length (a finished run extended with more epochs), :func:`rewarm` joins the learning rate and
+τ to the longer schedules by a short linear ramp instead of a jump (ours; the paper trains one fixed schedule).
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -64,3 +67,49 @@ def warmup_cosine_lr(step: int, total_steps: int, base_lr: float, warmup_steps: 
     if warmup_steps > 0 and step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     return cosine_schedule(step - warmup_steps, max(total_steps - warmup_steps, 0), base_lr, final_lr)
+
+
+def rewarm_steps(changed_steps: int, steps_per_epoch: int, remaining_steps: int, fraction: float = 0.05) -> int:
+    """Length in steps of the re-warm-up after a resumed run's schedule changed length (see :func:`rewarm`).
+
+    ``max(steps_per_epoch, ceil(fraction · |changed_steps|))``, at most ``remaining_steps`` (the steps still to
+    train), at least 0. ``changed_steps``: new total steps minus the total the checkpoint was scheduled for.
+
+    *Note* (ours; the paper trains one fixed schedule): one epoch, or 5 % of the added epochs if that is longer,
+    e.g. 25 epochs when a finished 500-epoch run is extended to 1000.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1; got {steps_per_epoch}")
+    n = max(steps_per_epoch, math.ceil(fraction * abs(changed_steps)))
+    return max(0, min(n, remaining_steps))
+
+
+def rewarm(step: int, start_step: int, start_value: float, ramp_steps: int, schedule: Callable[[int], float]) -> float:
+    """A schedule joined without a jump to what a resumed run did before its schedule changed.
+
+    From ``start_step`` (the first step under the new ``schedule``) the value moves linearly, over ``ramp_steps``
+    steps, from ``start_value`` (the value of the last step before, ``start_step − 1``) to the new schedule's value
+    at the ramp's last step, and from then on is ``schedule(step)``::
+
+        value(start_step + k) = v0 + (schedule(start_step + W − 1) − v0) · (k + 1) / W    for 0 ≤ k < W
+        value(step)           = schedule(step)                                         for step ≥ start_step + W
+
+    with ``v0 = start_value``, ``W = ramp_steps``. So the first step moves ``1/W`` of the way, the ramp ends on the
+    new schedule, and each ramp step changes the value by the same amount. Used for the learning rate (a finished
+    run's ~0 rising to the longer cosine schedule) and for the EMA τ (a finished run's ~1 falling to the longer τ
+    schedule, so that the target follows the online network again while it moves).
+
+    Args:
+        step: global step (``>= start_step``).
+        start_step: first step of the changed schedule.
+        start_value: the value the previous schedule gave step ``start_step − 1``.
+        ramp_steps: ``W`` (0: the new schedule at once), e.g. from :func:`rewarm_steps`.
+        schedule: the new schedule, step → value.
+    """
+    k = step - start_step
+    if k < 0:
+        raise ValueError(f"step {step} is before the schedule change at step {start_step}")
+    if k >= ramp_steps:
+        return schedule(step)
+    end = schedule(start_step + ramp_steps - 1)
+    return start_value + (end - start_value) * (k + 1) / ramp_steps

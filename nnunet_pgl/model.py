@@ -18,6 +18,7 @@ from torch import nn
 
 from .alignment import align_features
 from .features import UNetFeatures
+from .geometry import LevelGeometry, level_geometry
 from .losses import global_consistency_loss, global_pool, local_consistency_loss, mean_over_levels
 from .prior import ViewPrior
 
@@ -65,15 +66,32 @@ class PGLBranch(nn.Module):
         method: ``'pgl'`` (local loss), ``'byol'`` (global loss on the pooled bottleneck) or ``'pgl+byol'``.
         proj_dim, hidden_dim: head widths. Per-level hidden width is ``min(hidden_dim, 4·C_level)`` (≥ proj_dim).
         predictor: build predictor heads (online branch); the target branch uses projections only.
+        geometry: per level 0 … n − 1, where its feature voxels sit in the view (the alignment's geometry).
+            Default: :func:`~nnunet_pgl.geometry.level_geometry` of ``network``, measured once here (exact for
+            ``PlainConvUNet``'s bottleneck; the midpoint of the two paths for its decoder levels and for
+            ``ResidualEncoderUNet``; see :mod:`nnunet_pgl.alignment`). Pass
+            ``[avg_pool_geometry(s) for s in level_strides(network)]`` for the average-pooling convention.
+
+    Attributes:
+        geometry: the list of :class:`~nnunet_pgl.geometry.LevelGeometry` the alignment uses.
     """
 
     def __init__(self, network: nn.Module, levels: Sequence[int], method: str = "pgl", proj_dim: int = 128,
-                 hidden_dim: int = 512, predictor: bool = True):
+                 hidden_dim: int = 512, predictor: bool = True,
+                 geometry: Optional[Sequence[LevelGeometry]] = None):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}; got {method!r}")
         self.method = method
         self.features = UNetFeatures(network, levels)
+        strides = self.features.strides
+        self.geometry: List[LevelGeometry] = (level_geometry(self.features.network) if geometry is None
+                                              else list(geometry))
+        if len(self.geometry) != len(strides) or any(
+                not isinstance(g, LevelGeometry) or g.stride != tuple(float(x) for x in s)
+                for g, s in zip(self.geometry, strides)):
+            raise ValueError(f"geometry must hold one LevelGeometry per level with the network's strides {strides}; "
+                             f"got {self.geometry}")
         self.use_local = method in ("pgl", "pgl+byol")
         self.use_global = method in ("byol", "pgl+byol")
         bottleneck = len(self.features.strides) - 1
@@ -108,7 +126,7 @@ class PGLBranch(nn.Module):
         valid: List[torch.Tensor] = []
         for i, lv in enumerate(self.loss_levels):
             f = feats[lv]
-            a, bb, v = align_features(f[:b], prior_a, f[b:], prior_b, strict=False)
+            a, bb, v = align_features(f[:b], prior_a, f[b:], prior_b, geometry=self.geometry[lv], strict=False)
             pa, pb = self.projectors[i](a), self.projectors[i](bb)
             if use_predictor and len(self.predictors):
                 pa, pb = self.predictors[i](pa), self.predictors[i](pb)

@@ -5,7 +5,7 @@ import argparse
 import multiprocessing
 import os
 import sys
-from typing import TYPE_CHECKING, Callable, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Callable, List, NoReturn, Optional, Union
 
 if TYPE_CHECKING:
     import torch
@@ -35,9 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "too, without their labels).")
     p.add_argument("--exclude-fold", type=int, default=None, metavar="K",
                    help="Leave out the validation cases of fold K of splits_final.json, so that fold K's validation "
-                        "stays unseen. Use it when you report cross-validation numbers of the fine-tuned model.")
+                        "stays unseen; the output goes to fold_K (without it: fold_all), which nnUNetTrainerPGL uses "
+                        "for fold K. Use it when you report cross-validation numbers of the fine-tuned model.")
+    p.add_argument("--folds", type=int, nargs="+", default=None, metavar="K",
+                   help="One pretraining per fold, one after another: --exclude-fold K for each K (e.g. --folds 0 1 2 "
+                        "3 4). Resumable: finished folds are skipped, interrupted ones continue (--c), so rerun the "
+                        "same command after a kill.")
     p.add_argument("--epochs", type=int, default=None, help="Epochs (default 500, the paper's schedule). With --c, "
-                   "a larger value extends a finished run.")
+                   "another value changes the run's length, e.g. extends a finished run: the learning rate and the "
+                   "EMA tau then move linearly, over 1 epoch or 5%% of the added epochs if longer, from their last "
+                   "values to the schedules of the new length, which they follow from then on.")
     p.add_argument("--iters-per-epoch", type=int, default=None, help="Iterations per epoch (default 250).")
     p.add_argument("--batch-size", type=int, default=None,
                    help="View pairs per step over all GPUs (default: the plans' batch size). Memory grows ~2.2x "
@@ -52,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=None, metavar="N",
                    help="Write checkpoint_latest.pth every N epochs (default 5): what --c resumes from after a "
                         "kill or preemption. Lower it on preemptible nodes.")
+    p.add_argument("--probe-cases", type=int, default=None, metavar="N",
+                   help="Labeled training cases of the dense linear probe (default 8: half to fit it, half to score "
+                        "it; fold K's validation cases are never used with --exclude-fold K). The probe scores the "
+                        "frozen features at the start, every --save-every epochs and at the end.")
+    p.add_argument("--no-probe", action="store_true", help="Turn the dense linear probe off.")
     p.add_argument("--num-workers", type=int, default=None,
                    help="CPU loader processes (default: nnUNet_n_proc_DA rule, at most 4; regions are cheap to "
                         "read, views are made on the GPU).")
@@ -72,6 +84,67 @@ def _fail(msg: str) -> NoReturn:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.folds is not None:
+        _run_folds(args)
+    else:
+        _run(args)
+
+
+def _run_folds(args: argparse.Namespace) -> None:
+    """``--folds``: one ``--exclude-fold K`` run per fold, in order; finished folds skipped, interrupted ones resumed.
+
+    A fold is finished when its ``checkpoint_final.pth`` exists and ``--epochs`` (if given) does not ask for more
+    epochs than its ``pgl_config.json`` has; it is resumed (``--c``) when it has a checkpoint, else started.
+    """
+    if "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _fail("--folds does not run under torchrun: launch one torchrun per fold, e.g. for K in 0 1 2 3 4; do torchrun "
+              "... pgl_pretrain ... --exclude-fold K; done (add --c to resume one)")
+    if args.exclude_fold is not None:
+        _fail("--folds and --exclude-fold exclude each other: --folds 0 1 2 3 4 runs --exclude-fold K for each K")
+    folds = list(dict.fromkeys(args.folds))
+    if any(k < 0 for k in folds):
+        _fail(f"--folds {' '.join(map(str, args.folds))}: folds are numbered from 0 (splits_final.json)")
+    from batchgenerators.utilities.file_and_folder_operations import isfile, join
+    from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    from nnunet_pgl.pretraining.config import CONFIG_FILE, PRETRAINER_BY_METHOD, PretrainConfig
+    trainer = PRETRAINER_BY_METHOD[args.method or "pgl"]
+    done: List[int] = []
+    for i, k in enumerate(folds):
+        run = argparse.Namespace(**vars(args))
+        run.folds, run.exclude_fold = None, k
+        state = "start"
+        if nnUNet_results:
+            try:
+                out = get_output_folder(maybe_convert_to_dataset_name(args.dataset), trainer, args.plans,
+                                        args.configuration, k)
+            except RuntimeError:  # unknown dataset: the run below says what to do
+                out = None
+            if out is not None and isfile(join(out, "checkpoint_final.pth")):
+                prev = PretrainConfig.load(join(out, CONFIG_FILE)) if isfile(join(out, CONFIG_FILE)) else None
+                state = "extend" if args.epochs is not None and prev is not None and args.epochs > prev.epochs \
+                    else "finished"
+            elif out is not None and isfile(join(out, "checkpoint_latest.pth")):
+                state = "resume"
+        tag = f"pgl_pretrain --folds: fold {k} ({i + 1}/{len(folds)})"
+        if state == "finished":
+            print(f"{tag}: finished ({join(out, 'checkpoint_final.pth')}), skipped", flush=True)
+            done.append(k)
+            continue
+        run.c = args.c or state in ("resume", "extend")
+        what = {"start": "starting", "resume": "resuming from checkpoint_latest.pth",
+                "extend": f"extending to {args.epochs} epochs"}[state]
+        print(f"{tag}: {what}", flush=True)
+        _run(run)
+        done.append(k)
+    print(f"pgl_pretrain --folds: folds {' '.join(map(str, done))} done; nnUNetTrainerPGL uses fold_K for fold K",
+          flush=True)
+
+
+def _run(args: argparse.Namespace) -> None:
+    """One pretraining run: ``fold_all``, or ``fold_K`` with ``--exclude-fold K``."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     from nnunet_pgl.trainers.discovery import ensure_ext_trainer_env
     ensure_ext_trainer_env()
@@ -114,7 +187,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     cfg_prev: Optional[PretrainConfig] = None
     method = args.method or "pgl"
     trainer = PRETRAINER_BY_METHOD[method]
-    out = join(nnUNet_results, dataset_name, f"{trainer}__{args.plans}__{args.configuration}", "fold_all")
+    fold = "all" if args.exclude_fold is None else args.exclude_fold  # fold_K: the pretraining for fold K
+    if args.exclude_fold is not None:
+        splits_file = join(base, "splits_final.json")
+        n_splits = len(load_json(splits_file)) if isfile(splits_file) else 5  # nnU-Net makes 5 folds if missing
+        if not 0 <= args.exclude_fold < n_splits:
+            _fail(f"--exclude-fold {args.exclude_fold}: the dataset has folds 0-{n_splits - 1}"
+                  + (f" ({splits_file})" if isfile(splits_file) else " (nnU-Net's 5-fold split)"))
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    out = get_output_folder(dataset_name, trainer, args.plans, args.configuration, fold)
     if args.c and isfile(join(out, CONFIG_FILE)):
         cfg_prev = PretrainConfig.load(join(out, CONFIG_FILE))
     cfg = cfg_prev or PretrainConfig()
@@ -122,9 +203,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     for name, val in (("epochs", args.epochs), ("iters_per_epoch", args.iters_per_epoch),
                       ("batch_size", args.batch_size), ("levels", args.levels), ("initial_lr", args.lr),
                       ("num_workers", args.num_workers), ("seed", args.seed), ("exclude_fold", args.exclude_fold),
-                      ("save_every", args.save_every)):
+                      ("save_every", args.save_every), ("probe_cases", args.probe_cases)):
         if val is not None:
             setattr(cfg, name, val)
+    if args.no_probe:
+        cfg.probe = False
+    if cfg.probe and cfg.probe_cases < 2:
+        _fail(f"--probe-cases {cfg.probe_cases}: the probe needs at least 2 cases (one to fit, one to score); use "
+              "--no-probe to turn it off")
     if args.no_labeled_images:
         cfg.use_labeled_images = False
     if args.unlabeled:
@@ -133,14 +219,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         _fail("--no-labeled-images leaves nothing to pretrain on: add --unlabeled DIR")
 
     device = _device(args.device)  # fails (e.g. no CUDA) before anything is written
-    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    # any torchrun launch (it sets TORCHELASTIC_RUN_ID), one process too: that runs the DDP code with one rank, the
+    # way benchmarks/gpu_check.sh tests it on a single GPU; nnU-Net's own -num_gpus 1 has no DDP
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ and (
+        int(os.environ["WORLD_SIZE"]) > 1 or "TORCHELASTIC_RUN_ID" in os.environ)
     if torchrun:  # rank 0 ingests and writes the configuration, the others wait and read it
         import torch.distributed as dist
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo", init_method="env://")
         if dist.get_rank() != 0:
             dist.barrier()
             os.environ[CONFIG_ENV] = join(out, CONFIG_FILE)
-            _train(lambda: run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device),
+            _train(lambda: run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device, fold),
                    f" (rank {dist.get_rank()})")
             return
 
@@ -161,7 +250,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             from nnunetv2.configuration import default_num_processes
             try:
                 cases = ingest_unlabeled(cfg.unlabeled_dirs, pm, cm, dataset_json, base,
-                                         num_processes=args.num_processes or default_num_processes)
+                                         num_processes=args.num_processes or default_num_processes,
+                                         report_dir=out)
             except ValueError as e:
                 _fail(str(e))
             cfg.unlabeled_cases = [{"case_id": c.case_id, "data_file": c.data_file, "sha256": c.sha256,
@@ -175,10 +265,10 @@ def main(argv: Optional[List[str]] = None) -> None:
               f"epochs x {cfg.iters_per_epoch} iterations; output {out}")
         if torchrun:
             dist.barrier()
-            _train(lambda: run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device))
+            _train(lambda: run_torchrun(dataset_name, args.configuration, trainer, args.plans, args.c, device, fold))
         else:
             from nnunetv2.run.run_training import run_training
-            _train(lambda: run_training(dataset_name, args.configuration, "all", trainer, args.plans, None,
+            _train(lambda: run_training(dataset_name, args.configuration, fold, trainer, args.plans, None,
                                         args.num_gpus, continue_training=args.c, device=device))
     finally:
         lock.release()
@@ -201,13 +291,17 @@ def _missing_parents(path: str) -> List[str]:
 
 
 def _train(fn: Callable[[], None], who: str = "") -> None:
-    """Run the training; a run stopped by non-finite losses ends with its message and exit code 1."""
-    from nnunet_pgl.pretraining.pretrainer import NonFiniteLossError
+    """Run the training; a run stopped by non-finite losses ends with its message and exit code 1, a ``--c`` that
+    the checkpoint cannot continue (e.g. other ``--levels``) with its message and exit code 2."""
+    from nnunet_pgl.pretraining.pretrainer import NonFiniteLossError, ResumeError
     try:
         fn()
     except NonFiniteLossError as e:
         print(f"pgl_pretrain{who}: error: {e}", file=sys.stderr)
         raise SystemExit(1)
+    except ResumeError as e:
+        print(f"pgl_pretrain{who}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     except Exception as e:  # -num_gpus > 1: nnU-Net's mp.spawn re-raises a rank's error as ProcessRaisedException
         text = str(e)
         if type(e).__name__ == "ProcessRaisedException" and "NonFiniteLossError: " in text:
@@ -232,7 +326,7 @@ def _device(name: str) -> "torch.device":
 
 
 def run_torchrun(dataset_name: str, configuration: str, trainer: str, plans: str, continue_training: bool,
-                 device: "torch.device") -> None:
+                 device: "torch.device", fold: Union[int, str] = "all") -> None:
     """One rank of a ``torchrun`` launch (several nodes possible; process group already up), nnU-Net's own steps."""
     import torch
     import torch.distributed as dist
@@ -241,7 +335,7 @@ def run_torchrun(dataset_name: str, configuration: str, trainer: str, plans: str
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     try:
-        t = get_trainer_from_args(dataset_name, configuration, "all", trainer, plans, continue_training,
+        t = get_trainer_from_args(dataset_name, configuration, fold, trainer, plans, continue_training,
                                   device=device)
         maybe_load_checkpoint(t, continue_training, False, None)
         t.run_training()

@@ -415,10 +415,17 @@ def checkpoint_from_training_log(fold_dir: str) -> Optional[str]:
     return None
 
 
-def conventional_checkpoint(trainer_cls, plans: dict, configuration: str) -> Optional[str]:
-    """Where the PGL trainer looks: ``$nnUNet_pgl_weights``, else ``pgl_pretrain``'s output for these plans."""
-    from nnunet_pgl.trainers.pgl import WEIGHTS_ENV, default_checkpoint_path
-    return os.environ.get(WEIGHTS_ENV) or default_checkpoint_path(plans, configuration, trainer_cls.pretrainer_name)
+def conventional_checkpoint(trainer_cls, plans: dict, configuration: str, fold: Any
+                            ) -> Tuple[Optional[str], Optional[str]]:
+    """``(path, None)`` of the checkpoint the PGL trainer would choose for this fold now (``$nnUNet_pgl_weights``,
+    else ``fold_K``, ``fold_all``, a ``pgl_transfer`` record: :func:`~nnunet_pgl.trainers.pgl.choose_pgl_checkpoint`),
+    or ``(None, why not)``."""
+    from nnunet_pgl.trainers.pgl import PGLCheckpointError, choose_pgl_checkpoint
+    try:
+        return choose_pgl_checkpoint(plans, configuration, fold, trainer_cls.pretrainer_name,
+                                     trainer_cls.__name__).path, None
+    except PGLCheckpointError as e:
+        return None, str(e)
 
 
 def raw_image_files(raw_dataset: str, dataset_json: dict, case_ids: Iterable[str]) -> Dict[str, List[str]]:
@@ -504,7 +511,8 @@ def leakage_guard(arms: Dict[float, Tuple[Any, Any]], results_dataset: str, plan
     """One entry per (PGL-type arm, checkpoint): the checkpoint path, how it was found, and :func:`find_leaks`.
 
     The checkpoint of each fold is the one its training log says it loaded; folds without that line (not trained
-    yet, or resumed logs) use where the trainer would look now (``$nnUNet_pgl_weights`` or the convention).
+    yet, or resumed logs) use the one the trainer would choose now for that fold (``$nnUNet_pgl_weights``, else
+    ``fold_K``, ``fold_all``, a ``pgl_transfer`` record).
     """
     from nnunet_pgl.trainers.pgl import PGLCheckpointError, read_pgl_checkpoint
     entries: Dict[Tuple[str, str], Dict[str, Any]] = {}
@@ -516,12 +524,12 @@ def leakage_guard(arms: Dict[float, Tuple[Any, Any]], results_dataset: str, plan
             name = cls.__name__
             for fold in val_by_fold:
                 fd = os.path.join(trainer_dir(results_dataset, name, plans_name, configuration), f"fold_{fold}")
-                path, how = checkpoint_from_training_log(fd), "training log"
+                path, how, why_not = checkpoint_from_training_log(fd), "training log", None
                 if path is None:
-                    path, how = conventional_checkpoint(cls, plans, configuration), "lookup"
+                    (path, why_not), how = conventional_checkpoint(cls, plans, configuration, fold), "lookup"
                 key = (cls.pretrainer_name, str(path))
                 e = entries.setdefault(key, {"pretrainer": cls.pretrainer_name, "checkpoint": path, "arms": [],
-                                             "found_by": set(), "folds": {}, "error": None})
+                                             "found_by": set(), "folds": {}, "error": None, "why_not": why_not})
                 if name not in e["arms"]:
                     e["arms"].append(name)
                 e["found_by"].add(how)
@@ -530,8 +538,9 @@ def leakage_guard(arms: Dict[float, Tuple[Any, Any]], results_dataset: str, plan
         folds = sorted(e["folds"])
         e["found_by"] = sorted(e["found_by"])
         path = e["checkpoint"]
+        why_not = e.pop("why_not", None)
         if path is None or not os.path.isfile(path):
-            e["error"] = f"checkpoint not found at {path}"
+            e["error"] = why_not or f"checkpoint not found at {path}"
             e["folds"] = {}
             continue
         try:
@@ -620,9 +629,10 @@ def leakage_lines(guard: List[Dict[str, Any]], dataset: str, configuration: str,
             lines.append(f"**LEAKAGE: {k} of {n} validation cases of fold {fold} were seen in pretraining; rerun "
                          f"pgl_pretrain --exclude-fold {fold}** ({'; '.join(parts)})")
         if leaked_folds:
-            fix = (f"To fix ({e['pretrainer']}): for each fold K above, `pgl_pretrain -d {dataset} -c {configuration} "
-                   f"-p {plans}{method} --exclude-fold K`, keep that checkpoint (it is written to the same fold_all "
-                   f"folder) and fine-tune fold K with `nnUNet_pgl_weights=<it>`")
+            fix = (f"To fix ({e['pretrainer']}): `pgl_pretrain -d {dataset} -c {configuration} -p {plans}{method} "
+                   f"--folds {' '.join(map(str, leaked_folds))}` (one pretraining per fold, each written to its own "
+                   "fold_K folder, which the PGL trainers then use for fold K without `nnUNet_pgl_weights`), then "
+                   "train those folds again (delete their fold_K result folders first)")
             if any(r["unlabeled"] for r in e["folds"].values()):
                 fix += ("; --exclude-fold leaves out labeled images only: remove the listed copies from the "
                         "--unlabeled folders")
@@ -883,16 +893,13 @@ def compare(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNe
 
     if run:
         jobs = training_jobs(res_ds, names_by_fraction, plans, configuration, folds)
-        for f, (ca, cb) in classes.items():  # PGL arms: refuse early if the checkpoint is missing
+        for f, (ca, cb) in classes.items():  # PGL arms: refuse early if a fold's checkpoint is missing
             for cls in (ca, cb):
-                if is_pgl_trainer(cls) and any(j["trainer"] == cls.__name__ and j["state"] == "train" for j in jobs):
-                    p = conventional_checkpoint(cls, plans_dict, configuration)
-                    if p is None or not os.path.isfile(p):
-                        method = {"nnUNetPretrainerBYOL": " --method byol",
-                                  "nnUNetPretrainerPGLBYOL": " --method pgl+byol"}.get(cls.pretrainer_name, "")
-                        raise CompareError(f"{cls.__name__} needs a PGL checkpoint and {p} does not exist. Run: "
-                                           f"pgl_pretrain -d {dataset} -c {configuration} -p {plans}{method} (or set "
-                                           "nnUNet_pgl_weights)")
+                for j in jobs:
+                    if is_pgl_trainer(cls) and j["trainer"] == cls.__name__ and j["state"] == "train":
+                        p, why_not = conventional_checkpoint(cls, plans_dict, configuration, j["fold"])
+                        if p is None:
+                            raise CompareError(f"fold {j['fold']}: {why_not}")
         if verbose:
             print(f"[pgl_compare] {len(jobs)} training run(s) to do" + (": " + ", ".join(
                 f"{j['trainer']} fold {j['fold']}{'' if j['state'] == 'train' else ' (' + j['state'] + ')'}"

@@ -49,9 +49,17 @@ class PretrainConfig:
     max_bad_steps: int = 5                      # consecutive non-finite steps before the run stops
     use_labeled_images: bool = True
     exclude_fold: Optional[int] = None
+    probe: bool = True                          # dense linear probe at the start, every save_every epochs, the end
+    probe_cases: int = 8                        # labeled training cases of the probe: half to fit, half to score
+    probe_samples: int = 256                    # voxels per class and case crop
+    collapse_every: int = 25                    # iterations between collapse/shortcut statistics (0: off)
     unlabeled_dirs: List[str] = field(default_factory=list)
     # filled in by pgl_pretrain: the unlabeled cases after ingestion ({case_id, data_file, sha256, source})
     unlabeled_cases: List[Dict[str, Any]] = field(default_factory=list)
+    # run state, set by the pretrainer (never from the command line): where a resumed run's schedule changed length
+    # ({start_step, start_epoch, from_epochs, from_iters_per_epoch, lr, tau, ramp_steps}; see
+    # nnunet_pgl.pretraining.pretrainer.scheduled_lr_tau). Restored from the checkpoint on --c, None on a fresh run.
+    schedule_extension: Optional[Dict[str, Any]] = None
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)

@@ -55,6 +55,10 @@ Bad inputs. ``IngestError`` (a ``ValueError``) names the file or folder and the 
   channel file was skipped (unreadable, 2D, ...) is skipped with the warning.
 - warn: a CT-normalized channel whose raw intensities look like MR (1st percentile > -500 or max < 200).
 
+Warnings scale with the corpus: each kind (skipped files, images that do not look like HU CT, reader messages) is
+one warning per run with the count, the first few files and what to check; the full list goes to
+:data:`REPORT_FILE` in ``report_dir`` (``pgl_pretrain``'s output folder).
+
 Folders are scanned non-recursively; hidden files (``.*``) are ignored. Only one ingest runs per unlabeled
 folder at a time (a POSIX ``flock``; none on Windows, where concurrent runs into one folder are unsupported).
 """
@@ -97,6 +101,11 @@ _HASH_BLOCK = 4 * 1024 * 1024
 _MAX_LISTED = 20
 VANISHED = ("the file disappeared during ingestion (moved or deleted while this ran): put it back and rerun to "
             "include it")
+NOT_HU = "does not look like CT in Hounsfield units"
+#: written into the ``report_dir`` of :func:`ingest_unlabeled` (pgl_pretrain: its output folder) when a run skipped
+#: files or has warnings: every file with its reason; the warnings themselves list the first :data:`_PREVIEW`
+REPORT_FILE = "unlabeled_warnings.txt"
+_PREVIEW = 5
 
 
 class IngestError(ValueError):
@@ -104,7 +113,8 @@ class IngestError(ValueError):
 
 
 class IngestWarning(UserWarning):
-    """Skipped files, duplicates and suspicious intensities found while ingesting unlabeled images."""
+    """Skipped files and suspicious intensities found while ingesting unlabeled images: one warning per kind and
+    run, whose ``entries`` attribute (where set) lists every file concerned."""
 
 
 @dataclass(frozen=True)
@@ -257,9 +267,64 @@ def _probe(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
     return {"size": size, "spacing": tuple(r.GetSpacing())}, None
 
 
-def _discover(folders: Sequence[str], num_channels: int) -> Tuple[List[_Group], _Skipped, Dict[str, int]]:
+def _cached_sources(index: Sequence[Dict[str, Any]]) -> Tuple[Dict[str, Tuple[Tuple[int, int], List[str]]],
+                                                                 set]:
+    """What an earlier run's index says about its source files: per channel file (of a cached case or of one of its
+    duplicates) its ``(size, mtime_ns)`` and companion files, and the channel tuples that formed a case.
+
+    An entry's ``files`` are, per source tuple and channel in order, the channel file followed by its companions
+    (:func:`_discover`); an entry that does not read that way contributes nothing."""
+    files: Dict[str, Tuple[Tuple[int, int], List[str]]] = {}
+    groups = set()
+    for e in index:
+        try:
+            paths = [f["path"] for f in e["files"]]
+            stats = {f["path"]: (int(f["size"]), int(f["mtime_ns"])) for f in e["files"]}
+            srcs = [tuple(e["source"])] + [tuple(d) for d in e.get("duplicates", [])]
+        except (KeyError, TypeError, ValueError):
+            continue
+        channels = [p for g in srcs for p in g]
+        here: Dict[str, Tuple[Tuple[int, int], List[str]]] = {}
+        i = 0
+        for j, p in enumerate(channels):
+            if i >= len(paths) or paths[i] != p:
+                break
+            i += 1
+            nxt = channels[j + 1] if j + 1 < len(channels) else None
+            comp = []
+            while i < len(paths) and paths[i] != nxt:
+                comp.append(paths[i])
+                i += 1
+            here[p] = (stats[p], comp)
+        else:
+            if i == len(paths):
+                files.update(here)
+                groups.update(srcs)
+    return files, groups
+
+
+def _discover(folders: Sequence[str], num_channels: int,
+              cached: Optional[Tuple[Dict[str, Tuple[Tuple[int, int], List[str]]], set]] = None,
+              ) -> Tuple[List[_Group], _Skipped, Dict[str, int]]:
     """Usable source groups in discovery order (folders as given, files sorted), the skipped files, and per folder
-    the number of usable groups."""
+    the number of usable groups.
+
+    ``cached`` (:func:`_cached_sources` of the index): a file whose path, size and mtime match is neither probed
+    nor has its header parsed again (it was a usable 3D image when it was ingested), so a run that finds every case
+    cached reads no image file; multi-channel cases are probed unless they are the indexed channel tuple."""
+    known_files, known_groups = cached or ({}, set())
+
+    def known(p: str) -> Optional[List[str]]:
+        """The indexed companions of ``p`` if ``p`` is unchanged since it was indexed, else None."""
+        hit = known_files.get(p)
+        if hit is None:
+            return None
+        try:
+            st = os.stat(p)
+        except OSError:
+            return None
+        return hit[1] if (st.st_size, st.st_mtime_ns) == hit[0] else None
+
     groups: List[_Group] = []
     skipped = _Skipped()
     per_folder: Dict[str, int] = {}
@@ -268,15 +333,24 @@ def _discover(folders: Sequence[str], num_channels: int) -> Tuple[List[_Group], 
         files = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
         companions: Dict[str, List[str]] = {}
         claimed = set()
+        unchanged = set()
         for p in files:
-            c = _companions(p)
+            c = known(p)
+            if c is not None:
+                unchanged.add(p)
+                c = [q for q in c if os.path.isfile(q)]
+            else:
+                c = _companions(p)
             if c:
                 companions[p] = c
                 claimed.update(c)
-        readable: Dict[str, Dict[str, Any]] = {}
+        readable: Dict[str, Optional[Dict[str, Any]]] = {}  # None: unchanged since indexed, not probed
         bad_here: Dict[str, str] = {}
         for p in files:
             if p in claimed:
+                continue
+            if p in unchanged:
+                readable[p] = None
                 continue
             info, reason = _probe(p)
             if info is None:
@@ -288,7 +362,8 @@ def _discover(folders: Sequence[str], num_channels: int) -> Tuple[List[_Group], 
             for p in readable:
                 folder_groups.append(_Group(folder, (p,), tuple([p] + companions.get(p, []))))
         else:
-            folder_groups = _group_channels(folder, files, readable, bad_here, companions, num_channels, skipped)
+            folder_groups = _group_channels(folder, files, readable, bad_here, companions, num_channels, skipped,
+                                            known_groups)
         for p, reason in bad_here.items():
             skipped.add(p, reason)
         if not folder_groups:
@@ -308,9 +383,11 @@ def _discover(folders: Sequence[str], num_channels: int) -> Tuple[List[_Group], 
     return groups, skipped, per_folder
 
 
-def _group_channels(folder: str, files: Sequence[str], readable: Dict[str, Dict[str, Any]], bad: Dict[str, str],
-                    companions: Dict[str, List[str]], k: int, skipped: _Skipped) -> List[_Group]:
-    """Multi-channel datasets: ``<case>_0000.<ext>`` ... ``<case>_{k-1:04d}.<ext>`` form one case."""
+def _group_channels(folder: str, files: Sequence[str], readable: Dict[str, Optional[Dict[str, Any]]],
+                    bad: Dict[str, str], companions: Dict[str, List[str]], k: int, skipped: _Skipped,
+                    known_groups: Optional[set] = None) -> List[_Group]:
+    """Multi-channel datasets: ``<case>_0000.<ext>`` ... ``<case>_{k-1:04d}.<ext>`` form one case. A file not
+    probed (``readable[p] is None``: unchanged since indexed) is probed now unless its case is the indexed tuple."""
     cases: Dict[str, Dict[int, str]] = {}
     for p in files:
         if p not in readable and p not in bad:
@@ -349,7 +426,26 @@ def _group_channels(folder: str, files: Sequence[str], readable: Dict[str, Dict[
                 if p not in bad:
                     skipped.add(p, f"case skipped: its channel file {os.path.basename(bad_channels[0])} is unusable")
             continue
-        infos = [readable[p] for p in paths]
+        infos: List[Dict[str, Any]] = []
+        if paths in (known_groups or set()) and all(readable[p] is None for p in paths):
+            pass  # the same unchanged files formed this case when it was ingested: checked then
+        else:
+            for p in paths:
+                if readable[p] is None:
+                    info, reason = _probe(p)
+                    if info is None:
+                        del readable[p]
+                        bad[p] = reason  # type: ignore[assignment]
+                    else:
+                        readable[p] = info
+            bad_channels = [p for p in paths if p in bad]
+            if bad_channels:
+                for p in paths:
+                    if p not in bad:
+                        skipped.add(p, f"case skipped: its channel file {os.path.basename(bad_channels[0])} is "
+                                       f"unusable")
+                continue
+            infos = [i for i in (readable[p] for p in paths) if i is not None]  # all probed by now
         if any(i["size"] != infos[0]["size"] for i in infos) or \
                 any(not np.allclose(i["spacing"], infos[0]["spacing"], rtol=1e-5) for i in infos):
             raise IngestError(f"case {case!r} in {folder}: its channel files differ in size or spacing ("
@@ -498,9 +594,9 @@ def _is_ct_normalization(scheme: str) -> bool:
 
 def _intensity_warnings(files: Sequence[str], data: np.ndarray, configuration_manager, plans_manager,
                         channel_names: Sequence[str]) -> List[str]:
-    """Warn for CT-normalized channels whose raw intensities do not look like Hounsfield units."""
+    """One short line per CT-normalized channel whose raw intensities do not look like Hounsfield units (the
+    explanation is added once per run, by :func:`_report`)."""
     out = []
-    fg = plans_manager.foreground_intensity_properties_per_channel
     for c, scheme in enumerate(configuration_manager.normalization_schemes):
         if c >= data.shape[0] or not _is_ct_normalization(scheme):
             continue
@@ -508,15 +604,25 @@ def _intensity_warnings(files: Sequence[str], data: np.ndarray, configuration_ma
         v = v[::max(1, v.size // 2_000_000)]
         p1, mx = float(np.percentile(v, 1)), float(data[c].max())
         if p1 > -500 or mx < 200:
-            props = fg.get(str(c), {}) if isinstance(fg, dict) else {}
-            clip = f" to [{props['percentile_00_5']:.0f}, {props['percentile_99_5']:.0f}]" \
-                if "percentile_00_5" in props else ""
-            out.append(f"{files[c]}: channel {c} ({channel_names[c] if c < len(channel_names) else '?'}) does not "
-                       f"look like CT in Hounsfield units (1st percentile {p1:.0f}, max {mx:.0f}; CT has air near "
-                       f"-1000 and bone above 200). This dataset normalizes it with {scheme} (clip{clip}, then "
-                       f"z-score), which flattens other intensity ranges: ingest only HU-calibrated CT (check "
-                       f"rescale slope/intercept), or leave this file out")
+            out.append(f"{files[c]}: channel {c} ({channel_names[c] if c < len(channel_names) else '?'}) "
+                       f"{NOT_HU} (1st percentile {p1:.0f}, max {mx:.0f})")
     return out
+
+
+def _ct_normalization_note(configuration_manager, plans_manager, channel_names: Sequence[str]) -> str:
+    """How the dataset normalizes its CT channels, e.g. ``channel 0 (CT) with CTNormalization (clip to [-1000,
+    400], then z-score)``: the reason why images in other intensity ranges are flattened."""
+    fg = plans_manager.foreground_intensity_properties_per_channel
+    parts = []
+    for c, scheme in enumerate(configuration_manager.normalization_schemes):
+        if not _is_ct_normalization(scheme):
+            continue
+        props = fg.get(str(c), {}) if isinstance(fg, dict) else {}
+        clip = f" to [{props['percentile_00_5']:.0f}, {props['percentile_99_5']:.0f}]" \
+            if "percentile_00_5" in props else ""
+        parts.append(f"channel {c} ({channel_names[c] if c < len(channel_names) else '?'}) with {scheme} "
+                     f"(clip{clip}, then z-score)")
+    return ", ".join(parts)
 
 
 def _remove_quietly(paths: Iterable[str]) -> None:
@@ -724,7 +830,7 @@ def _run_tasks(fn: Callable, tasks: Sequence[tuple], executor: Optional[ProcessP
 
 def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, dataset_json: dict,
                      preprocessed_dataset_folder_base: str, num_processes: int = 2, verbose: bool = True,
-                     ) -> List[UnlabeledCase]:
+                     report_dir: Optional[str] = None) -> List[UnlabeledCase]:
     """Preprocess every image in ``dirs`` into the training space of ``configuration_manager`` (cached).
 
     Args:
@@ -737,6 +843,10 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
             :func:`unlabeled_folder` there.
         num_processes: worker processes (spawn) for hashing and preprocessing; ``<= 1`` runs in-process.
         verbose: print a summary and show progress bars.
+        report_dir: an existing folder (``pgl_pretrain``: its output folder) for :data:`REPORT_FILE`, the full list
+            of skipped files, duplicates and warnings of this run (removed when the run has none). Whatever the
+            number of files, each kind of problem is one :class:`IngestWarning` with the count and the first few
+            (the full list also in its ``entries``).
 
     Returns:
         One :class:`UnlabeledCase` per distinct image content, in discovery order. These cases are in the folder
@@ -765,14 +875,14 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
     out = unlabeled_folder(base, configuration_manager.data_identifier)
     fingerprint = plans_fingerprint(plans_manager, configuration_manager)
 
-    groups, skipped, per_folder = _discover(folders, k)
+    old_index = _load_index(out, quiet=True) if os.path.isdir(out) else []  # for the stat cache only
+    groups, skipped, per_folder = _discover(folders, k, _cached_sources(old_index))
 
     ctx = multiprocessing.get_context("spawn")
     executor: Optional[ProcessPoolExecutor] = None
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         # ---- hashes: reuse the index's when every file's (path, size, mtime) is unchanged ----
-        old_index = _load_index(out, quiet=True) if os.path.isdir(out) else []  # for the stat cache only
         known: Dict[Tuple[str, ...], str] = {}
         for e in old_index:
             stats = {s["path"]: (s["size"], s["mtime_ns"]) for s in e.get("files", [])}
@@ -838,9 +948,13 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
         # ---- from here on the folder is written ----
         os.makedirs(out, exist_ok=True)
         with _folder_lock(out, verbose):
-            for n in os.listdir(out):  # leftovers of killed runs (only one run holds the lock)
-                if n.startswith(TMP_PREFIX):
-                    _remove_quietly([join(out, n)])
+            present = set()  # the case files in the folder: one listing, not three stats per case
+            with os.scandir(out) as listing:
+                for entry in listing:
+                    if entry.name.startswith(TMP_PREFIX):  # leftovers of killed runs (only one run holds the lock)
+                        _remove_quietly([entry.path])
+                    elif entry.is_file():
+                        present.add(entry.name)
             old_index = _load_index(out)
             old_by_sha = {e["sha256"]: e for e in old_index}
             entries: Dict[str, Dict[str, Any]] = {}  # sha -> entry, for the index
@@ -848,7 +962,7 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
             for sha, gs in by_sha.items():
                 case_id = "unl_" + sha[:16]
                 old = old_by_sha.get(sha)
-                files_ok = all(os.path.isfile(join(out, case_id + s)) for s in CASE_FILE_SUFFIXES)
+                files_ok = all(case_id + s in present for s in CASE_FILE_SUFFIXES)
                 if old is not None and old.get("plans_fingerprint") == fingerprint and files_ok:
                     entries[sha] = _entry(case_id, sha, gs, stat_of, fingerprint, old.get("shape"),
                                           old.get("warnings", []))
@@ -859,8 +973,11 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
                       f" ({', '.join(f'{os.path.basename(f) or f}: {n}' for f, n in per_folder.items())}), "
                       f"{len(by_sha)} distinct, {len(entries)} already preprocessed, {len(to_do)} to preprocess, "
                       f"{len(skipped.entries)} file(s) skipped -> {out}")
-                for m in duplicates_msgs:
+                for m in duplicates_msgs[:_PREVIEW]:
                     print(f"Duplicate skipped: {m}")
+                if len(duplicates_msgs) > _PREVIEW:
+                    print(f"... and {len(duplicates_msgs) - _PREVIEW} more duplicate(s)"
+                          + (f" (all in {join(report_dir, REPORT_FILE)})" if report_dir else ""))
             # entries whose files will be replaced must leave the index before their files change
             replaced = [s for s in to_do if s in old_by_sha]
             if replaced:
@@ -930,7 +1047,7 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
                       if e["sha256"] not in entries and e.get("plans_fingerprint") == fingerprint
                       and not any(os.path.dirname(p) in folders for p in e.get("source", []))
                       and all(os.path.isfile(f["path"]) for f in e.get("files", []))
-                      and all(os.path.isfile(join(out, e["case_id"] + x)) for x in CASE_FILE_SUFFIXES)]
+                      and all(e["case_id"] + x in present for x in CASE_FILE_SUFFIXES)]  # untouched by this run
             full = index + others
             if full != old_index or not os.path.isfile(join(out, INDEX_FILE)):  # a no-op run writes nothing
                 _write_index(out, token, full)
@@ -948,15 +1065,60 @@ def ingest_unlabeled(dirs: Sequence[str], plans_manager, configuration_manager, 
         if os.path.isdir(out):
             _remove_quietly(join(out, n) for n in os.listdir(out) if n.startswith(f"{TMP_PREFIX}{token}-"))
 
-    if skipped.entries:
-        warnings.warn(f"skipped {len(skipped.entries)} unlabeled file(s):" + _format_skipped(skipped.entries),
-                      IngestWarning, stacklevel=2)
-    for m in case_warnings:
-        warnings.warn(m, IngestWarning, stacklevel=2)
+    channel_names = list((dataset_json.get("channel_names") or dataset_json.get("modality") or {}).values())
+    _report(report_dir, skipped.entries, case_warnings, duplicates_msgs,
+            _ct_normalization_note(configuration_manager, plans_manager, channel_names), len(index))
     if verbose:
         print(f"Unlabeled cases ready: {len(index)} ({len(to_do) - len(failed)} preprocessed now)")
     return [UnlabeledCase(e["case_id"], join(out, e["case_id"] + ".b2nd"), tuple(e["source"]), e["sha256"])
             for e in index]
+
+
+def _report(report_dir: Optional[str], skipped: Sequence[Tuple[str, str]], case_warnings: Sequence[str],
+            duplicates: Sequence[str], ct_note: str, num_cases: int) -> None:
+    """One :class:`IngestWarning` per kind of problem (skipped files, images that do not look like HU CT, reader
+    messages) with the count, the first :data:`_PREVIEW` entries and what to check, whatever the number of files;
+    every entry goes to ``report_dir/REPORT_FILE`` (and to the warning's ``entries``)."""
+    not_hu = [m for m in case_warnings if NOT_HU in m]
+    said = [m for m in case_warnings if NOT_HU not in m]
+    sections = [(f"skipped: {len(skipped)} file(s), not used", [f"{p}: {r}" for p, r in skipped]),
+                (f"not like CT in Hounsfield units: {len(not_hu)} file(s), used", list(not_hu)),
+                (f"image reader messages: {len(said)} case(s), used", list(said)),
+                (f"duplicates: {len(duplicates)}, ingested once", list(duplicates))]
+    path = join(report_dir, REPORT_FILE) if report_dir else None
+    if path is not None:
+        if any(lines for _, lines in sections):
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"# unlabeled ingestion of {time.strftime('%Y-%m-%d %H:%M:%S')}: {num_cases} case(s)\n")
+                for title, lines in sections:
+                    if lines:
+                        f.write(f"\n## {title}\n" + "".join(line + "\n" for line in lines))
+            os.replace(tmp, path)
+        else:  # a clean run leaves no stale report of an earlier one
+            _remove_quietly([path])
+
+    def emit(head: str, lines: List[str], tail: str) -> None:
+        shown = [line if len(line) <= 300 else line[:297] + "..." for line in lines[:_PREVIEW]]
+        more = len(lines) - len(shown)
+        msg = head + "\n  " + "\n  ".join(shown + ([f"... and {more} more"] if more else []))
+        where = f"all {len(lines)} in {path}" if path else "all of them in this warning's .entries"
+        w = IngestWarning(f"{msg}\n{tail} ({where})")
+        w.entries = list(lines)  # type: ignore[attr-defined]
+        warnings.warn(w, stacklevel=4)  # the caller of ingest_unlabeled
+
+    if skipped:
+        emit(f"skipped {len(skipped)} unlabeled file(s):", sections[0][1],
+             "Replace or remove these files to use them")
+    if not_hu:
+        emit(f"{len(not_hu)} unlabeled image file(s) do not look like CT in Hounsfield units (CT has air near -1000 "
+             f"and bone above 200):", not_hu,
+             f"This dataset normalizes {ct_note}, which flattens other intensity ranges. These images are still used: "
+             f"check that they are CT with HU values (rescale slope/intercept applied), or remove them from the "
+             f"unlabeled folders")
+    if said:
+        emit(f"the image reader printed messages for {len(said)} unlabeled case(s):", said,
+             "The cases are used; check the messages")
 
 
 def _entry(case_id: str, sha: str, gs: Sequence[_Group], stat_of: Dict[str, Dict[str, Any]], fingerprint: str,

@@ -25,6 +25,20 @@ def architecture_fingerprint(configuration_manager: ConfigurationManager) -> str
                     "patch_size": list(configuration_manager.patch_size)})
 
 
+#: the intensity statistics that nnU-Net's CTNormalization applies (clip bounds, mean, std)
+CT_STATS = ("percentile_00_5", "percentile_99_5", "mean", "std")
+
+
+def ct_normalization(plans_manager: PlansManager, configuration_name: str) -> Dict[str, Dict[str, float]]:
+    """``{channel: {percentile_00_5, percentile_99_5, mean, std}}`` of the channels the plans CT-normalise."""
+    cm = plans_manager.get_configuration(configuration_name)
+    props = plans_manager.plans.get("foreground_intensity_properties_per_channel") or \
+        plans_manager.plans.get("foreground_intensity_properties_by_modality") or {}
+    return {str(c): {k: float(props[str(c)][k]) for k in CT_STATS}
+            for c, scheme in enumerate(cm.normalization_schemes)
+            if scheme == "CTNormalization" and str(c) in props}
+
+
 def plans_meta(plans_manager: PlansManager, configuration_name: str, num_input_channels: int) -> Dict[str, Any]:
     """The fields of ``pgl_meta`` that fine-tuning compares against its own plans."""
     cm = plans_manager.get_configuration(configuration_name)
@@ -38,6 +52,7 @@ def plans_meta(plans_manager: PlansManager, configuration_name: str, num_input_c
         "num_input_channels": int(num_input_channels),
         "normalization_schemes": list(cm.normalization_schemes),
         "spacing": [float(s) for s in cm.spacing],
+        "ct_normalization": ct_normalization(plans_manager, configuration_name),
     }
 
 

@@ -17,9 +17,10 @@ from nnunet_pgl.prior import box_bounds
 
 
 def pca_rgb(feats: torch.Tensor) -> np.ndarray:
-    """``(N, C, Y, X)`` features → ``(N, Y, X, 3)`` in [0, 1]: the first 3 principal components, fitted jointly."""
+    """``(N, C, Y, X)`` features (any device) → ``(N, Y, X, 3)`` in [0, 1]: the first 3 principal components,
+    fitted jointly. Computed on the host in float64 (one copy of the slice; MPS has no float64)."""
     n, c, y, x = feats.shape
-    flat = feats.permute(0, 2, 3, 1).reshape(-1, c).double()
+    flat = feats.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).reshape(-1, c)
     flat = flat - flat.mean(0, keepdim=True)
     k = min(3, c, flat.shape[0])
     _, _, v = torch.linalg.svd(flat, full_matrices=False)

@@ -9,9 +9,12 @@ and DDP (``-num_gpus``) work as for any trainer. What changes, hook by hook:
   EMA target (outside DDP), compile per nnU-Net's ``nnUNet_compile`` rule, DDP-wrap the online branch.
 * ``get_dataloaders``: the region loader (:mod:`nnunet_pgl.pretraining.loader`) over labeled and unlabeled cases.
 * ``train_step``: views + priors + intensity augmentation on the device, online fwd+bwd of both views as one batch,
-  target fwd, loss, clipping, EMA, per-iteration LR/τ schedules, non-finite steps skipped and counted.
-* epoch hooks, checkpoints and logging: own per-epoch log (``pgl_log.json``, ``progress.png``); checkpoints hold
-  the full U-Net ``network_weights`` (CPU, no prefixes) that stock ``-pretrained_weights`` loads, plus ``pgl_meta``.
+  target fwd, loss, clipping, EMA, per-iteration LR/τ schedules (:func:`scheduled_lr_tau`; a ``--c`` that changes
+  the run's length joins them by a re-warm-up), non-finite steps skipped and counted.
+* epoch hooks, checkpoints and logging: own per-epoch log (``pgl_log.json``, ``progress.png``), the epoch's loss
+  sums made on the training device and copied to the host once; checkpoints hold host tensors only: the full U-Net
+  ``network_weights`` (no prefixes) that stock ``-pretrained_weights`` loads, plus ``pgl_meta`` and the state
+  ``--c`` needs (``load_checkpoint`` puts it back on the device).
 * no validation (``perform_actual_validation`` only logs).
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -35,15 +39,60 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
 from nnunet_pgl import (IntensityAugmentation, PGLBranch, default_levels, ema_update_, level_strides,
-                        make_target, make_view_pair, pgl_loss, tau_schedule, unwrap_network, warmup_cosine_lr)
-from nnunet_pgl.pretraining.config import CONFIG_FILE, config_from_env
+                        make_target, make_view_pair, pgl_loss, rewarm, rewarm_steps, tau_schedule, unwrap_network,
+                        warmup_cosine_lr)
+from nnunet_pgl.pretraining.config import CONFIG_FILE, PretrainConfig, config_from_env
 from nnunet_pgl.pretraining.loader import RegionDataset, TimedLoader, region_size_for
+from nnunet_pgl.views import pair_overlap
 from nnunet_pgl.pretraining.lock import RunLock
 from nnunet_pgl.pretraining.meta import build_meta, file_hash
+from nnunet_pgl.collapse import CollapseMonitor, LevelStats, collapse_warnings
+from nnunet_pgl.evaluation.probe import ProbeSet, ProbeUnavailable, build_probe_set, format_scores, probe_network
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised after ``max_bad_steps`` consecutive non-finite steps."""
+
+
+class ResumeError(ValueError):
+    """``--c`` asked for a run that the checkpoint cannot continue (the message says what to pass instead)."""
+
+
+def _to_cpu(obj: Any) -> Any:
+    """``obj`` (nested dicts/lists/tuples of tensors and builtins) with every tensor a compact host copy."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def scheduled_lr_tau(cfg: PretrainConfig, step: int) -> Tuple[float, float]:
+    """Learning rate and EMA τ of global step ``step`` (0-based, ``epoch · iters_per_epoch + iteration``).
+
+    The run's schedules: linear warm-up over ``warmup_epochs`` then cosine to 0 at ``epochs · iters_per_epoch``
+    (:func:`~nnunet_pgl.warmup_cosine_lr`), τ cosine from ``base_tau`` to 1 (:func:`~nnunet_pgl.tau_schedule`).
+    From ``cfg.schedule_extension['start_step']`` on (a resumed run whose ``--epochs`` differs from the epochs its
+    checkpoint was scheduled for, e.g. a finished run extended), both are joined to the values of the step before
+    by :func:`~nnunet_pgl.rewarm`: a linear ramp over ``ramp_steps`` from the recorded ``lr`` / ``tau`` to the new
+    schedules, which they follow from then on.
+    """
+    it = cfg.iters_per_epoch
+    total = cfg.epochs * it
+
+    def lr_at(s: int) -> float:
+        return warmup_cosine_lr(s, total, cfg.initial_lr, cfg.warmup_epochs * it)
+
+    def tau_at(s: int) -> float:
+        return tau_schedule(s, total, cfg.base_tau)
+
+    ext = cfg.schedule_extension
+    if ext is None or step < ext["start_step"]:
+        return lr_at(step), tau_at(step)
+    s0, w = int(ext["start_step"]), int(ext["ramp_steps"])
+    return rewarm(step, s0, float(ext["lr"]), w, lr_at), rewarm(step, s0, float(ext["tau"]), w, tau_at)
 
 
 class nnUNetPretrainerPGL(nnUNetTrainer):
@@ -61,6 +110,14 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.local_rank)))
         cfg = config_from_env()
         cfg.method = self.method
+        cfg.schedule_extension = None  # run state: load_checkpoint restores it on --c; a fresh run has none
+        if fold != "all":  # fold_K is the pretraining for fold K: it leaves out fold K's validation cases
+            if cfg.exclude_fold is None:
+                cfg.exclude_fold = int(fold)
+            elif cfg.exclude_fold != int(fold):
+                raise ValueError(f"the pretraining configuration excludes fold {cfg.exclude_fold} but the run writes "
+                                 f"fold_{fold}: run pgl_pretrain --exclude-fold {fold} (or --folds), which keeps them "
+                                 "equal")
         self.pgl_config = cfg
         self.num_epochs = cfg.epochs
         self.num_iterations_per_epoch = cfg.iters_per_epoch
@@ -78,6 +135,10 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         self._bad_streak = 0
         self.view_generator: Optional[torch.Generator] = None
         self.pretrain_cases: List[Dict[str, Any]] = []
+        # dense linear probe (rank 0) and collapse/shortcut statistics (local rank 0), see _probe_and_collapse
+        self._probe_set: Optional[ProbeSet] = None
+        self._probe_init: Optional[Dict[str, Any]] = None
+        self._collapse = CollapseMonitor() if cfg.collapse_every > 0 and self.local_rank == 0 else None
 
     # ------------------------------------------------------------------------------------------- set-up
     def initialize(self):
@@ -99,7 +160,9 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         strides = level_strides(net)
         levels = cfg.levels if cfg.levels is not None else default_levels(strides)
         self.online = PGLBranch(net, levels, self.method, cfg.proj_dim, cfg.hidden_dim).to(self.device)
-        cfg.levels = list(self.online.features.levels if self.online.use_local else levels)
+        # the loss levels, as asked (features.levels adds the bottleneck of the global term: saved, a --c would
+        # build a projector for it)
+        cfg.levels = list(self.online.loss_levels if self.online.use_local else levels)
         for m in self.online.features.unused_modules():
             m.requires_grad_(False)
         self.target = make_target(self.online)
@@ -177,9 +240,12 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         region = region_size_for(self.configuration_manager.patch_size, cfg.scale_range[1])
         workers = cfg.num_workers if cfg.num_workers is not None else min(4, get_allowed_n_proc_DA())
         ds = RegionDataset([c["data_file"] for c in self.pretrain_cases], region, self.batch_size,
-                           cfg.seed + 7919 * self.local_rank, start_batch=self.current_epoch * self.num_iterations_per_epoch)
+                           cfg.seed + 7919 * self.local_rank, start_batch=self.current_epoch * self.num_iterations_per_epoch,
+                           patch_size=self.configuration_manager.patch_size, scale_range=tuple(cfg.scale_range),
+                           min_overlap=cfg.min_overlap)
         loader = TimedLoader(ds, workers, pin_memory=self.device.type == "cuda")
-        self.print_to_log_file(f"Region loader: regions {region}, batch {self.batch_size} pairs, {workers} workers")
+        self.print_to_log_file(f"Region loader: 2 regions {region} per pair (offset drawn for overlaps down to "
+                               f"{cfg.min_overlap:g}), batch {self.batch_size} pairs, {workers} workers")
         return loader, None
 
     def on_train_start(self):
@@ -191,6 +257,7 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
             self._remove_partial_writes()
             self.pgl_config.save(join(self.output_folder, CONFIG_FILE))
         super().on_train_start()
+        self._probe_start()
 
     def _remove_partial_writes(self) -> None:
         """Delete the temporary files of a killed run (a checkpoint or plot killed mid-write). Only the lock holder
@@ -227,21 +294,23 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         cfg = self.pgl_config
         step = self.current_epoch * self.num_iterations_per_epoch + self._iter
-        lr = warmup_cosine_lr(step, self.total_steps, self.initial_lr,
-                              cfg.warmup_epochs * self.num_iterations_per_epoch)
+        lr, tau = scheduled_lr_tau(cfg, step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        tau = tau_schedule(step, self.total_steps, cfg.base_tau)
         self._epoch_stats["lr"], self._epoch_stats["tau"] = lr, tau
         # per-step seed: views and intensity draws of step k are the same in a resumed and an uninterrupted run
         self.view_generator.manual_seed(hash((cfg.seed, self.local_rank, step)) & 0xFFFF_FFFF_FFFF)
-        region = batch["data"].to(self.device, non_blocking=True)
-        offset = batch["offset"].to(self.device, non_blocking=True)
+        # a pair's two regions (B, 2, C, *R); the offsets (B, 2, 3) stay on the host, where make_view_pair checks
+        # them without a device synchronisation, and then move them itself
+        regions = batch["data"].to(self.device, non_blocking=True)
+        offset = batch["offset"]
         patch = self.configuration_manager.patch_size
         with torch.no_grad():
-            va, vb, pa, pb = make_view_pair(region, patch, scale_range=tuple(cfg.scale_range),
+            va, vb, pa, pb = make_view_pair(regions[:, 0], patch, scale_range=tuple(cfg.scale_range),
                                             min_overlap=cfg.min_overlap, flip_prob=cfg.flip_prob,
-                                            generator=self.view_generator, region_offset=offset)
+                                            generator=self.view_generator, region_offset=offset[:, 0],
+                                            region_b=regions[:, 1], region_offset_b=offset[:, 1])
+            self._epoch_stats.setdefault("overlap", []).append(pair_overlap(pa, pb))
             x = torch.cat([va, vb])
             if self.augment is not None:
                 x = self.augment(x, generator=self.view_generator)
@@ -277,6 +346,8 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         self._epoch_stats["levels"].append(torch.stack([lv.detach() for lv in per_level]) if per_level else None)
         if glob is not None:
             self._epoch_stats["global"].append(glob.detach())
+        if self._collapse is not None and self._iter % cfg.collapse_every == 0:
+            self._collapse.update(tgt, self.online.loss_levels, pa, pb, self.online.geometry)
         self._iter += 1
         if self._show_progress:
             print(f"\r  iteration {self._iter}/{self.num_iterations_per_epoch}  loss {float(loss):.4f}",
@@ -308,16 +379,18 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         if self._show_progress:
             print()
         st = self._epoch_stats
-        losses = torch.stack(st["losses"]).float() if st["losses"] else torch.zeros(0)
+        # sums of the epoch's step losses, all on the training device (where the step losses are; fp32 there, as
+        # MPS has no fp64), reduced over the ranks there, then copied to the host once
+        dev = self.device
+        losses = torch.stack(st["losses"]).float() if st["losses"] else torch.zeros(0, device=dev)
         lv = [x for x in st["levels"] if x is not None]
-        levels = torch.stack(lv).float() if lv else torch.zeros(0, 0)
-        glob = torch.stack(st["global"]).float() if st["global"] else torch.zeros(0)
+        levels = torch.stack(lv).float() if lv else torch.zeros(0, 0, device=dev)
+        glob = torch.stack(st["global"]).float() if st["global"] else torch.zeros(0, device=dev)
         stats = torch.cat([losses.sum().view(1), levels.sum(0).view(-1), glob.sum().view(1),
-                           torch.tensor([float(len(losses))], device=losses.device)]).cpu().double()
+                           torch.full((1,), float(len(losses)), device=dev)])
         if self.is_ddp:
-            stats = stats.to(self.device)
             dist.all_reduce(stats)
-            stats = stats.cpu()
+        stats = stats.cpu().double()
         n = float(stats[-1])
         if n == 0:  # every step of the epoch was skipped (non-finite losses): no loss to report
             st["loss"], st["level_losses"], st["global_loss"] = None, None, None
@@ -342,7 +415,7 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
                "lr": st.get("lr"), "tau": st.get("tau"), "epoch_time_s": dt,
                "data_wait_fraction": wait / dt if dt > 0 else 0.0,
                "views_per_s": 2 * self.batch_size * world * self.num_iterations_per_epoch / dt if dt > 0 else 0.0,
-               "bad_steps": st["bad"]}
+               "bad_steps": st["bad"], "mean_overlap": self._mean_overlap()}
         if self.is_ddp:
             rec["ranks_in_sync"] = self._ranks_in_sync()
             if not rec["ranks_in_sync"]:
@@ -354,8 +427,10 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
             parts.append(f"global: {rec['global_loss']:.4f}")
         loss = f"{rec['loss']:.4f} ({', '.join(parts)})" if rec["loss"] is not None else "n/a (every step skipped)"
         self.print_to_log_file(f"loss {loss} lr {rec['lr']:.5f} tau {rec['tau']:.5f}")
+        overlap = "n/a" if rec["mean_overlap"] is None else f"{100 * rec['mean_overlap']:.1f} %"
         self.print_to_log_file(f"Epoch time: {dt:.2f} s, data wait {100 * rec['data_wait_fraction']:.1f} %, "
-                               f"{rec['views_per_s']:.1f} views/s")
+                               f"{rec['views_per_s']:.1f} views/s, mean view overlap {overlap}")
+        self._probe_and_collapse(rec)
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
             self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
         if self.local_rank == 0:
@@ -365,15 +440,108 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
                 self.save_picture()
         self.current_epoch += 1
 
+    # ------------------------------------------------------------------------------------------- probe, collapse
+    @property
+    def probe_levels(self) -> List[int]:
+        """The probe's levels: the loss levels, or the default levels for BYOL (whose loss has none)."""
+        return list(self.online.loss_levels) or default_levels(level_strides(self.network))
+
+    def _probe_start(self) -> None:
+        """Rank 0: read the probe's crops (:mod:`nnunet_pgl.evaluation.probe`) and, on a fresh run, score the
+        random-initialised network; a resumed run keeps the random-init score of its ``pgl_log``."""
+        self._probe_init = next((r["probe_random_init"] for r in self.pgl_log if r.get("probe_random_init")), None)
+        cfg = self.pgl_config
+        if self.local_rank != 0:
+            return
+        if not cfg.probe:
+            self.print_to_log_file("Probe: off (--no-probe)")
+            return
+        if not cfg.use_labeled_images:
+            self.print_to_log_file(
+                "Probe: off. The dense linear probe is fitted and scored on the dataset's labeled training cases, and "
+                "this run uses the unlabeled folders only (--no-labeled-images). To score a checkpoint on a labeled "
+                f"dataset, run pgl_probe -d DATASET -c {self.configuration_name} -p {self.plans_manager.plans_name} "
+                "CHECKPOINT random")
+            return
+        try:
+            self._probe_set = build_probe_set(self.preprocessed_dataset_folder_base, self.preprocessed_dataset_folder,
+                                              self.configuration_manager.patch_size, self.label_manager,
+                                              cfg.probe_cases, cfg.exclude_fold, cfg.probe_samples)
+        except (ProbeUnavailable, ValueError) as e:
+            self.print_to_log_file(f"Probe: off: {e}")
+            return
+        ids = self._probe_set.case_ids
+        self.print_to_log_file(f"Probe: levels {self.probe_levels}, fitted on {', '.join(ids['fit'])}, scored on "
+                               f"{', '.join(ids['score'])} (one patch-sized crop each, up to {cfg.probe_samples} "
+                               "voxels per class); score = mean foreground F1")
+        if self.current_epoch == 0 and self._probe_init is None:
+            self._probe_init = self._run_probe("random init")
+
+    def _run_probe(self, when: str) -> Optional[Dict[str, Any]]:
+        """Probe the online network now; a failing probe (e.g. out of memory) is logged and never stops the run."""
+        assert self._probe_set is not None
+        try:
+            res = probe_network(self.network, self.probe_levels, self._probe_set, self.device, self.online.geometry)
+        except Exception as e:  # the probe is a diagnostic: days of pretraining must not end because of it
+            self.print_to_log_file(f"WARNING: the probe ({when}) failed and was skipped, training goes on: "
+                                   f"{type(e).__name__}: {e}")
+            return None
+        base = "" if self._probe_init is None or when == "random init" else \
+            f"; random init: {format_scores(self._probe_init)}"
+        self.print_to_log_file(f"Probe ({when}): {format_scores(res)}{base} [{res['time_s']:.1f} s]")
+        return res
+
+    def _probe_and_collapse(self, rec: Dict[str, Any]) -> None:
+        """Add the epoch's collapse/shortcut statistics and, when due, the probe to ``rec``; log them and warn."""
+        if self._collapse is not None and self._collapse.steps:
+            stats = self._collapse.summary()
+            self._collapse.reset()
+            rec["collapse"] = [s.to_json() for s in stats]
+            first = next((r["collapse"] for r in self.pgl_log if r is not rec and r.get("collapse")), None)
+
+            def r2(v: Optional[float]) -> str:
+                return "n/a" if v is None else f"{v:.2f}"
+            self.print_to_log_file("Collapse/shortcut: " + "; ".join(
+                f"{'global' if s.level < 0 else f'level {s.level}'}: spread {s.spread:.3f}, effective rank "
+                f"{s.effective_rank:.1f}" + ("" if s.level < 0 else f", R² view {r2(s.r2_view)} / region "
+                                             f"{r2(s.r2_region)}") for s in stats))
+            for w in collapse_warnings(stats, [LevelStats(**d) for d in first] if first else None):
+                self.print_to_log_file(f"WARNING: {w}")
+        if self._probe_init is not None and not any("probe_random_init" in r for r in self.pgl_log):
+            rec["probe_random_init"] = self._probe_init
+        due = (self.current_epoch + 1) % self.save_every == 0 or self.current_epoch == self.num_epochs - 1
+        res = self._run_probe(f"epoch {self.current_epoch}") if self._probe_set is not None and due else None
+        if res is not None:
+            rec["probe"] = res
+            self.print_to_log_file(f"Probe time: {100 * res['time_s'] / max(rec['epoch_time_s'], 1e-9):.1f} % of this "
+                                   "epoch's training time")
+
+    def _mean_overlap(self) -> Optional[float]:
+        """Mean :func:`~nnunet_pgl.views.pair_overlap` of the epoch's view pairs over all ranks (None: no pairs)."""
+        ov = self._epoch_stats.get("overlap") or []
+        if ov:
+            c = torch.cat(ov).double()
+            sums = torch.stack([c.sum(), torch.full((), float(c.numel()), dtype=c.dtype, device=c.device)])
+        else:
+            sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.is_ddp:
+            sums = sums.to(self.device)
+            dist.all_reduce(sums)
+        total, n = sums.cpu().tolist()
+        return total / n if n > 0 else None
+
     def save_picture(self) -> None:
         """``pictures/epoch_XXXX.png`` for the first pretraining case (see :mod:`.pictures`); never fatal."""
         try:
             import blosc2
-            from nnunet_pgl.pretraining.loader import read_region
+            from nnunet_pgl.pretraining.loader import cube_region_size_for, read_region
             from nnunet_pgl.pretraining.pictures import feature_picture
             case = self.pretrain_cases[0]
             arr = blosc2.open(urlpath=case["data_file"], mode="r", mmap_mode="r")
-            size = region_size_for(self.configuration_manager.patch_size, self.pgl_config.scale_range[1])
+            # one region large enough for pairs down to min_overlap, so the two views differ in position as in
+            # training (a position shortcut shows as the same colours at the same view position)
+            size = cube_region_size_for(self.configuration_manager.patch_size, self.pgl_config.scale_range,
+                                        self.pgl_config.min_overlap)
             start = [(n - r) // 2 for n, r in zip(arr.shape[1:], size)]
             region = torch.from_numpy(read_region(arr, start, size))[None].to(self.device)
             levels = self.online.loss_levels or [len(self.online.features.strides) - 1]
@@ -419,15 +587,12 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
 
-        def cpu(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-            return {k: v.detach().cpu().clone() for k, v in sd.items()}
-
         init_args = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in self.my_init_kwargs.items()}
-        ckpt = {
-            "network_weights": cpu(unwrap_network(self.network).state_dict()),
-            "pgl_heads": cpu({k: v for k, v in self.online.state_dict().items() if not k.startswith("features.")}),
-            "pgl_target": cpu(self.target.state_dict()),
-            "optimizer_state": self.optimizer.state_dict(),
+        ckpt = {  # host tensors only: the file loads on any machine (a CPU-only one too) without map_location
+            "network_weights": _to_cpu(unwrap_network(self.network).state_dict()),
+            "pgl_heads": _to_cpu({k: v for k, v in self.online.state_dict().items() if not k.startswith("features.")}),
+            "pgl_target": _to_cpu(self.target.state_dict()),
+            "optimizer_state": _to_cpu(self.optimizer.state_dict()),  # load_state_dict moves it to the params
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),
             "pgl_log": self.pgl_log,
@@ -451,11 +616,21 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:
             self.initialize()
+        if isinstance(filename_or_checkpoint, str):
+            filename_or_checkpoint = self._newest_checkpoint(filename_or_checkpoint)
         ckpt = (torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False)
                 if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint)
         if "pgl_target" not in ckpt:
             raise ValueError("this checkpoint was not written by a PGL pretrainer (no 'pgl_target'); --c resumes "
                              "only pgl_pretrain runs")
+        saved_levels = (ckpt.get("pgl_meta") or {}).get("levels")
+        if saved_levels is not None and [int(v) for v in saved_levels] != list(self.online.loss_levels):
+            where = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "the checkpoint"
+            raise ResumeError(f"{where} was pretrained with loss levels {list(saved_levels)}, but this run builds "
+                              f"levels {list(self.online.loss_levels)}. Resume with --c --levels "
+                              f"{' '.join(str(v) for v in saved_levels)}. Other levels make a new run: start it "
+                              "without --c under another $nnUNet_results (here it would replace this run's "
+                              "checkpoints)")
         unwrap_network(self.network).load_state_dict(ckpt["network_weights"])
         heads = {k: v for k, v in self.online.state_dict().items() if k.startswith("features.")}
         heads.update(ckpt["pgl_heads"])
@@ -470,6 +645,50 @@ class nnUNetPretrainerPGL(nnUNetTrainer):
         self.bad_steps_total = ckpt.get("bad_steps_total", 0)
         if isinstance(filename_or_checkpoint, str):
             self._last_checkpoint = (filename_or_checkpoint, self.current_epoch)
+        self._resume_schedule(ckpt.get("pgl_config"))
+
+    def _newest_checkpoint(self, path: str) -> str:
+        """nnU-Net's ``--c`` prefers ``checkpoint_final.pth`` to ``checkpoint_latest.pth``. When a finished run was
+        extended (``--c --epochs N``) and then interrupted, the final one is the finished run and the latest one the
+        extension's progress: resume from whichever holds more epochs."""
+        latest = join(os.path.dirname(path), "checkpoint_latest.pth")
+        if os.path.basename(path) != "checkpoint_final.pth" or not isfile(latest):
+            return path
+
+        def epochs(p: str) -> int:  # mmap: reads the small header, not the weights
+            return int(torch.load(p, map_location="cpu", weights_only=False, mmap=True)["current_epoch"])
+
+        e_final, e_latest = epochs(path), epochs(latest)
+        if e_latest <= e_final:
+            return path
+        self.print_to_log_file(f"Resuming from checkpoint_latest.pth (epoch {e_latest}): it is newer than "
+                               f"checkpoint_final.pth (epoch {e_final}), the finished run that this run extends")
+        return latest
+
+    def _resume_schedule(self, saved: Optional[Dict[str, Any]]) -> None:
+        """Take over the checkpoint's schedule state; if this run's length differs from the one the checkpoint was
+        scheduled for (``--c --epochs N``), record where the schedule changes and from which learning rate and τ
+        (``pgl_config.schedule_extension``, saved with every later checkpoint), see :func:`scheduled_lr_tau`."""
+        cfg = self.pgl_config
+        if saved is None:
+            return
+        keys = ("epochs", "iters_per_epoch", "initial_lr", "warmup_epochs", "base_tau", "schedule_extension")
+        old = replace(cfg, **{k: saved[k] for k in keys if k in saved})
+        cfg.schedule_extension = old.schedule_extension
+        it = cfg.iters_per_epoch
+        start, remaining = self.current_epoch * it, (cfg.epochs - self.current_epoch) * it
+        if (old.epochs, old.iters_per_epoch) == (cfg.epochs, it) or self.current_epoch == 0 or remaining <= 0:
+            return
+        lr0, tau0 = scheduled_lr_tau(old, self.current_epoch * old.iters_per_epoch - 1)  # the last step trained
+        ramp = rewarm_steps(cfg.epochs * it - old.epochs * old.iters_per_epoch, it, remaining)
+        cfg.schedule_extension = {"start_step": start, "start_epoch": self.current_epoch, "from_epochs": old.epochs,
+                                  "from_iters_per_epoch": old.iters_per_epoch, "lr": lr0, "tau": tau0,
+                                  "ramp_steps": ramp}
+        lr1, tau1 = scheduled_lr_tau(cfg, start + ramp - 1)
+        self.print_to_log_file(
+            f"Schedule changed from {old.epochs} to {cfg.epochs} epochs at epoch {self.current_epoch}: the learning "
+            f"rate moves linearly from {lr0:.4g} to {lr1:.4g} and the EMA tau from {tau0:.6f} to {tau1:.6f} over "
+            f"{ramp} iterations ({ramp / it:g} epochs), then both follow the {cfg.epochs}-epoch schedules")
 
 
 class nnUNetPretrainerBYOL(nnUNetPretrainerPGL):
@@ -484,8 +703,26 @@ class nnUNetPretrainerPGLBYOL(nnUNetPretrainerPGL):
     method = "pgl+byol"
 
 
+def _plot_probe(ax: Any, probed: List[Dict[str, Any]], init: Optional[Dict[str, Any]]) -> None:
+    """Probe panel: mean foreground F1 per level and for all levels against epoch, the random-initialised network
+    at epoch -1 (and dotted across, for all levels)."""
+    runs = ([init] if init is not None else []) + [r["probe"] for r in probed]
+    ep = ([-1] if init is not None else []) + [r["epoch"] for r in probed]
+
+    def val(v: Optional[float]) -> float:
+        return np.nan if v is None else v
+
+    for i, lvl in enumerate(probed[-1]["probe"]["levels"]):
+        ax.plot(ep, [val(p["levels"].get(lvl)) for p in runs], "o--", color=f"C{i}", label=f"level {lvl}")
+    ax.plot(ep, [val(p["all"]) for p in runs], "ko-", label="all levels")
+    if init is not None and init.get("all") is not None:
+        ax.axhline(init["all"], color="k", linestyle=":", label="all levels, random init")
+    ax.set_ylabel("probe: mean foreground F1"), ax.set_xlabel("epoch (-1: random init)"), ax.legend()
+
+
 def plot_pgl_progress(log: List[Dict[str, Any]], path: str) -> None:
-    """``progress.png``: total/per-level loss, lr and τ, epoch time and data-wait fraction, views/s."""
+    """``progress.png``: total/per-level loss, lr and τ, epoch time and data-wait fraction, views/s and the mean
+    view overlap, and the dense linear probe (when it ran) against the random-init score."""
     import matplotlib
     matplotlib.use("agg")
     import matplotlib.pyplot as plt
@@ -493,7 +730,8 @@ def plot_pgl_progress(log: List[Dict[str, Any]], path: str) -> None:
     if not log:
         return
     ep = [r["epoch"] for r in log]
-    fig, ax = plt.subplots(4, 1, figsize=(10, 14))
+    probed = [r for r in log if r.get("probe")]
+    fig, ax = plt.subplots(5 if probed else 4, 1, figsize=(10, 17.5 if probed else 14))
     ax[0].plot(ep, [np.nan if r["loss"] is None else r["loss"] for r in log], "b-", label="total")
     for i, lvl in enumerate(log[-1]["levels"]):
         ax[0].plot(ep, [r["level_losses"][i] if r["level_losses"] and i < len(r["level_losses"]) else np.nan
@@ -514,6 +752,11 @@ def plot_pgl_progress(log: List[Dict[str, Any]], path: str) -> None:
     ax2b.set_ylabel("data wait [%]")
     ax[3].plot(ep, [r["views_per_s"] for r in log], "c-")
     ax[3].set_ylabel("views / s"), ax[3].set_xlabel("epoch")
+    ax3b = ax[3].twinx()
+    ax3b.plot(ep, [np.nan if r.get("mean_overlap") is None else 100 * r["mean_overlap"] for r in log], "y-")
+    ax3b.set_ylabel("mean view overlap [%]")
+    if probed:
+        _plot_probe(ax[4], probed, next((r["probe_random_init"] for r in log if r.get("probe_random_init")), None))
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_pgl.alignment import align_features, feature_stride, overlap_points
+from nnunet_pgl.geometry import LevelGeometry, avg_pool_geometry
 from nnunet_pgl.prior import ViewPrior
 from nnunet_pgl.views import make_view_pair, sample_view
 
@@ -281,3 +282,91 @@ def test_coordinate_field_aligns_exactly_cuda(stride_a, stride_b, coords):
     assert bool(m.all())
     torch.testing.assert_close(a.movedim(1, -1)[m], points[m], rtol=0, atol=ATOL)
     torch.testing.assert_close(b.movedim(1, -1)[m], points[m], rtol=0, atol=ATOL)
+
+
+# ------------------------------------------------------------------------------------- geometry parameter
+def test_default_geometry_is_the_average_pooling_convention(coords):
+    region = coords(REGION, batch=2)
+    va, vb, pa, pb = make_view_pair(region, PATCH, generator=torch.Generator().manual_seed(9))
+    fa, fb = pool(va, (2, 4, 4)), pool(vb, (1, 2, 2))
+    ga, gb = avg_pool_geometry((2, 4, 4)), avg_pool_geometry((1, 2, 2))
+    assert ga.origin == (0.5, 1.5, 1.5)
+    a0, b0, v0 = align_features(fa, pa, fb, pb)
+    a1, b1, v1 = align_features(fa, pa, fb, pb, geometry=(ga, gb))
+    assert torch.equal(a0, a1) and torch.equal(b0, b1) and torch.equal(v0, v1)
+    # one geometry serves both maps of the same level
+    a2, b2, _ = align_features(fa, pa, pool(vb, (2, 4, 4)), pb, geometry=ga)
+    check_exact(fa, pa, pool(vb, (2, 4, 4)), pb)
+    torch.testing.assert_close(a2, align_features(fa, pa, pool(vb, (2, 4, 4)), pb)[0], rtol=0, atol=0)
+
+
+def test_geometry_origin_shifts_the_sampled_points(coords):
+    # a map whose voxel i stands for view coordinate i·s (strided subsampling, the convolution convention) aligns
+    # exactly with origin 0 and not with the average-pooling origin
+    region = coords(REGION, batch=3)
+    va, vb, pa, pb = make_view_pair(region, PATCH, generator=torch.Generator().manual_seed(10))
+    s = (2, 4, 4)
+    fa, fb = va[:, :, ::2, ::4, ::4], vb[:, :, ::2, ::4, ::4]
+    g = LevelGeometry((2.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    a, b, valid = align_features(fa, pa, fb, pb, geometry=g)
+    pts, _ = overlap_points(pa, fa.shape[2:], pb, fb.shape[2:], fa.shape[2:], geometry=g)
+    m = valid[:, 0]
+    assert bool(m.all())
+    torch.testing.assert_close(a.movedim(1, -1)[m], pts[m], rtol=0, atol=ATOL)
+    torch.testing.assert_close(b.movedim(1, -1)[m], pts[m], rtol=0, atol=ATOL)
+    a_old, b_old, _ = align_features(fa, pa, fb, pb)
+    assert float((a_old - b_old).abs().max()) > 0.5 * min(s)   # the pair has opposite flips on some axis
+
+
+def test_geometry_errors():
+    pa = ViewPrior.identity((8, 8, 8), batch=1)
+    f = torch.randn(1, 1, 4, 4, 4)
+    with pytest.raises(ValueError, match=r"geometry of map a has stride \(4.0, 4.0, 4.0\).*level_geometry"):
+        align_features(f, pa, f, pa, geometry=LevelGeometry((4, 4, 4), (0, 0, 0)))
+    with pytest.raises(ValueError, match="geometry must be a LevelGeometry"):
+        align_features(f, pa, f, pa, geometry=((2, 2, 2), (0, 0, 0)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="stride must be positive"):
+        LevelGeometry((0, 2, 2), (0, 0, 0))
+
+
+# ------------------------------------------------------- float32 coordinates whatever the feature dtype
+def _spy_grid_sample(monkeypatch):
+    seen = []
+    orig = F.grid_sample
+
+    def spy(inp, grid, *args, **kwargs):
+        seen.append((inp.dtype, grid.dtype))
+        return orig(inp, grid, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_features_are_sampled_with_a_float32_grid(dtype, coords, monkeypatch):
+    region = coords(REGION, batch=3)
+    va, vb, pa, pb = make_view_pair(region, PATCH, generator=torch.Generator().manual_seed(11))
+    fa, fb = pool(va, (1, 1, 1)).to(dtype), pool(vb, (1, 2, 2)).to(dtype)
+    seen = _spy_grid_sample(monkeypatch)
+    a, b, valid = align_features(fa, pa, fb, pb)
+    assert seen and all(g == torch.float32 for _, g in seen), seen
+    assert a.dtype == dtype and b.dtype == dtype
+    # as exact as the float32 alignment of the same (rounded) values, up to rounding the result to ``dtype``
+    a32, b32, v32 = align_features(fa.float(), pa, fb.float(), pb)
+    assert torch.equal(valid, v32)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(a.float(), a32, rtol=eps, atol=1e-4)
+    torch.testing.assert_close(b.float(), b32, rtol=eps, atol=1e-4)
+
+
+def test_coordinates_stay_float32_under_autocast(coords, monkeypatch):
+    # CPU autocast runs matmuls in bfloat16, as CUDA AMP runs them in float16: the point transforms must not follow
+    region = coords(REGION, batch=4)
+    va, vb, pa, pb = make_view_pair(region, PATCH, generator=torch.Generator().manual_seed(12))
+    seen = _spy_grid_sample(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16     # autocast is really on
+        for s in ((1, 1, 1), (2, 4, 4)):
+            a, b, valid, _ = check_exact(pool(va, s), pa, pool(vb, s), pb)
+            assert bool(valid.all()) and a.dtype == torch.float32
+    assert seen and all(g == torch.float32 for _, g in seen), seen

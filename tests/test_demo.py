@@ -298,6 +298,62 @@ def test_pgl_demo_end_to_end(tmp_path):
         assert 0.0 <= pgl <= 1.0 and 0.0 <= scratch <= 1.0
     assert "| total |" in md and "| 1 liver |" in p.stdout
     assert "PGL initialisation from" in (out / "logs" / "finetune_pgl.log").read_text()  # the PGL arm was initialised
+    assert "chosen: fold_0, the pretraining for fold 0" in (out / "logs" / "finetune_pgl.log").read_text()
     assert "PGL initialisation" not in (out / "logs" / "finetune_scratch.log").read_text()
-    assert (out / "nnUNet_results" / demo.DATASET / "nnUNetPretrainerPGL__nnUNetPlans__3d_fullres" / "fold_all"
+    assert (out / "nnUNet_results" / demo.DATASET / "nnUNetPretrainerPGL__nnUNetPlans__3d_fullres" / "fold_0"
             / "checkpoint_final.pth").is_file()
+    # the probe of the pretraining, random init against PGL, is printed and reported
+    assert report["probe"]["pgl"]["all"] is not None and report["probe"]["random_init"]["all"] is not None
+    assert "probe (mean foreground F1, all levels) PGL" in p.stdout and "| all levels |" in p.stdout
+    assert "## Dense linear probe" in md and "- **Probe, random init**: how far the untrained network" in md
+
+
+# ------------------------------------------------------------------------------------- probe and seeding
+def test_demo_seeds_finetuning_and_reports_the_probe(tmp_path):
+    """The fine-tuning subprocesses get nnUNet_pgl_seed = --seed; the report takes the probe of the pretraining's
+    pgl_log.json (random init and the last probed epoch) and says what each number shows."""
+    cfg = resolve(["--out", str(tmp_path / "d"), "--seed", "5"])
+    assert demo.demo_env(cfg, base={})["nnUNet_pgl_seed"] == "5"
+    results = tmp_path / "d" / "nnUNet_results"
+    assert demo.read_probe(str(results)) is None
+    folder = results / demo.DATASET / "nnUNetPretrainerPGL__nnUNetPlans__3d_fullres" / "fold_0"
+    folder.mkdir(parents=True)
+    init = {"levels": {"2": 0.5, "3": 0.25}, "all": 0.5, "cases": {"fit": ["a", "b"], "score": ["c"]}}
+    last = {"levels": {"2": 0.75, "3": None}, "all": 0.625, "cases": init["cases"]}
+    log = [{"epoch": 0, "probe_random_init": init}, {"epoch": 1, "probe": last}, {"epoch": 2}]
+    (folder / "pgl_log.json").write_text(json.dumps(log))
+    probe = demo.read_probe(str(results))
+    assert probe is not None and probe["random_init"] == init and probe["pgl"] == last and probe["epoch"] == 1
+    assert demo.probe_table(probe).splitlines() == [
+        "| features | random init | PGL | PGL − random init |", "|---|---|---|---|",
+        "| level 2 | 0.5000 | 0.7500 | +0.2500 |", "| level 3 | 0.2500 | n/a | n/a |",
+        "| all levels | 0.5000 | 0.6250 | +0.1250 |"]
+    dice = {"pgl": {"1": 0.5, "foreground_mean": 0.5}, "scratch": {"1": 0.4, "foreground_mean": 0.4}}
+    md = demo.render_report(cfg, dice, {"total": 1.0}, {}, LABELS, demo.stage_commands(cfg, bin_dir="/b"), "r",
+                            probe)
+    assert "| all levels | 0.5000 | 0.6250 | +0.1250 |" in md
+    assert "fitted on the frozen features of 2 training cases and scored on 1 others" in md
+    for name in ("Probe, random init", "Probe, PGL", "Probe, PGL − random init", "Dice, PGL", "Dice, Scratch",
+                 "Dice, PGL − Scratch"):
+        assert sum(line.startswith(f"- **{name}**: ") for line in md.splitlines()) == 1, name
+    assert "(--seed 5, nnUNet_pgl_seed)" in md
+    no_probe = demo.render_report(cfg, dice, {"total": 1.0}, {}, LABELS, demo.stage_commands(cfg, bin_dir="/b"), "r")
+    assert "Not available: the pretraining log has no probe" in no_probe
+
+
+def test_seed_from_env(monkeypatch):
+    import numpy as np
+    import torch
+
+    from nnunet_pgl.trainers.pgl import SEED_ENV, seed_from_env
+    monkeypatch.delenv(SEED_ENV, raising=False)
+    assert seed_from_env() is None
+    monkeypatch.setenv(SEED_ENV, "11")
+    draws = []
+    for _ in range(2):
+        assert seed_from_env() == 11
+        draws.append((np.random.rand(), torch.rand(1).item()))
+    assert draws[0] == draws[1]
+    monkeypatch.setenv(SEED_ENV, "eleven")
+    with pytest.raises(ValueError, match="nnUNet_pgl_seed='eleven' is not an integer"):
+        seed_from_env()

@@ -144,7 +144,7 @@ def test_kill_anywhere_then_resume(fault_env):
     survives; rerunning with --c finally reaches exactly the weights of an uninterrupted run with the same seed."""
     env, unlabeled, tmp = fault_env
     args = [sys.executable, RUNNER, "-d", "991", "-device", "cpu", "--epochs", "5", "--iters-per-epoch", "1",
-            "--seed", "7", "--num-workers", "2", "--save-every", "1", "--unlabeled", str(unlabeled), "-np", "2"]
+            "--seed", "7", "--num-workers", "2", "--save-every", "1", "--unlabeled", str(unlabeled), "-np", "2", "--no-probe"]
     ref = dict(env, nnUNet_preprocessed=str(tmp / "pre_ref"), nnUNet_results=str(tmp / "res_ref"))
     copy_preprocessed(Path(env["nnUNet_preprocessed"]).parent, tmp / "pre_ref")
     t0 = time.monotonic()
@@ -235,7 +235,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(planned, tmp_path):
     env, _, _ = planned
     env = dict(env, nnUNet_results=str(tmp_path), PGL_FAULT_INF_STEPS="1", PGL_FAULT_NAN_STEPS="4,5,6,7,8")
     args = [sys.executable, RUNNER, "-d", "991", "-device", "cpu", "--epochs", "4", "--iters-per-epoch", "3",
-            "--save-every", "1", "--method", "byol", "--num-workers", "1"]
+            "--save-every", "1", "--method", "byol", "--num-workers", "1", "--no-probe"]
     p = subprocess.run(args, env=env, capture_output=True, text=True)
     assert p.returncode == 1, p.stderr[-3000:]
     out = tmp_path / DATASET / "nnUNetPretrainerBYOL__nnUNetPlans__3d_fullres" / "fold_all"
@@ -257,7 +257,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(planned, tmp_path):
     # five bad steps before the first checkpoint: nothing to resume from, and the message says so
     env = dict(clean, nnUNet_results=str(tmp_path / "early"), PGL_FAULT_NAN_STEPS="0,1,2,3,4")
     p = subprocess.run([sys.executable, RUNNER, "-d", "991", "-device", "cpu", "--epochs", "4", "--iters-per-epoch",
-                        "3", "--save-every", "5", "--method", "byol", "--num-workers", "0"], env=env,
+                        "3", "--save-every", "5", "--method", "byol", "--num-workers", "0", "--no-probe"], env=env,
                        capture_output=True, text=True)
     assert p.returncode == 1
     assert ("epoch 1, iteration 1. The run stopped; no checkpoint was written yet (the first comes after 5 epochs): "

@@ -206,6 +206,79 @@ def test_second_call_redoes_nothing(tmp_path, pm_cm, dataset_json, base, count_c
     assert {n: os.stat(os.path.join(folder, n)).st_mtime_ns for n in mtimes} == mtimes
 
 
+def forbid_image_reads(monkeypatch, src: Path) -> dict:
+    """Make every way ingestion reads a source file fail: the header probe, hashing, preprocessing, SimpleITK itself
+    and Python's ``open`` of anything under ``src`` (also the companion lookup in ``.mhd`` headers). Returns the
+    paths of attempted reads (each attempt also raises)."""
+    import builtins
+    tried = {"paths": []}
+
+    def refuse(what):
+        def f(*a, **k):
+            tried["paths"].append((what, a[0] if a else None))
+            raise AssertionError(f"{what} read a source file on a cached re-run: {a[:1]}")
+        return f
+
+    for name in ("_probe", "_hash_and_check", "_preprocess_case"):  # (.mhd headers: caught by ``open``)
+        monkeypatch.setattr(ingest, name, refuse(name))
+    monkeypatch.setattr(sitk.ImageFileReader, "ReadImageInformation", refuse("SimpleITK"))
+    monkeypatch.setattr(sitk.ImageFileReader, "Execute", refuse("SimpleITK"))
+    monkeypatch.setattr(sitk, "ReadImage", refuse("SimpleITK"))
+    real_open = builtins.open
+
+    def guarded_open(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file).startswith(str(src) + os.sep):
+            return refuse("open")(file)
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    return tried
+
+
+def test_cached_rerun_reads_no_image_file(tmp_path, pm_cm, dataset_json, base, monkeypatch):
+    """Everything cached and unchanged: the re-run trusts (path, size, mtime_ns) and opens no source file at all
+    (no header probe either); a touched file is probed and hashed again, alone."""
+    src = tmp_path / "unl"
+    src.mkdir()
+    write_image(ct(30), src / "a.nii.gz")
+    write_image(ct(31), src / "b.nrrd")
+    mhd = write_image(ct(32), src / "c.mhd")  # + c.raw, hashed with it
+    (src / "a_copy.nii.gz").write_bytes((src / "a.nii.gz").read_bytes())  # a duplicate
+    first = run([src], pm_cm, dataset_json, base)
+    assert len(first) == 3
+    with monkeypatch.context() as m:
+        tried = forbid_image_reads(m, src)
+        assert run([src], pm_cm, dataset_json, base) == first
+        assert tried["paths"] == []
+
+    st = os.stat(mhd)
+    os.utime(mhd, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, new mtime
+    probed, hashed = [], []
+    real_probe, real_hash = ingest._probe, ingest._hash_and_check
+    monkeypatch.setattr(ingest, "_probe", lambda p: probed.append(p) or real_probe(p))
+    monkeypatch.setattr(ingest, "_hash_and_check", lambda paths, *a, **k: hashed.append(tuple(paths))
+                        or real_hash(paths, *a, **k))
+    assert run([src], pm_cm, dataset_json, base) == first
+    assert probed == [mhd] and hashed == [(mhd, str(src / "c.raw"))]
+
+
+def test_cached_multichannel_rerun_reads_no_image_file(tmp_path, two_channel, base, monkeypatch):
+    """Multi-channel: the indexed, unchanged channel tuple is not probed again; a replaced channel file is, and
+    its case is checked again (here: another size, an error naming both files)."""
+    (pm, cm), dj = two_channel
+    src = tmp_path / "unl"
+    src.mkdir()
+    files = [write_image(ct(110 + c), src / f"pat1_{c:04d}.nii.gz") for c in range(2)]
+    first = run([src], (pm, cm), dj, base)
+    with monkeypatch.context() as m:
+        tried = forbid_image_reads(m, src)
+        assert run([src], (pm, cm), dj, base) == first
+        assert tried["paths"] == []
+    write_image(ct(112, shape=(16, 32, 30)), Path(files[1]))
+    with pytest.raises(IngestError, match=r"pat1.*differ in size or spacing.*pat1_0000.*pat1_0001"):
+        run([src], (pm, cm), dj, base)
+
+
 def test_touched_file_is_rehashed_changed_file_is_redone(tmp_path, pm_cm, dataset_json, base, count_calls):
     src = tmp_path / "unl"
     src.mkdir()
@@ -429,7 +502,7 @@ def test_mr_like_intensities_warn(tmp_path, pm_cm, dataset_json, base):
     src.mkdir()
     mr = np.random.default_rng(0).uniform(0, 1000, size=SHAPE).astype(np.float32)
     write_image(mr, src / "mr.nii.gz")
-    with pytest.warns(IngestWarning, match=r"mr\.nii\.gz: channel 0 \(CT\) does not look like CT.*CTNormalization"):
+    with pytest.warns(IngestWarning, match=r"(?s)mr\.nii\.gz: channel 0 \(CT\) does not look like CT.*CTNormalization"):
         cases = run([src], pm_cm, dataset_json, base)
     assert len(cases) == 1  # a warning, not an error
     with warnings.catch_warnings():
@@ -437,6 +510,59 @@ def test_mr_like_intensities_warn(tmp_path, pm_cm, dataset_json, base):
         write_image(ct(91), src / "ct.nii.gz")
         os.remove(src / "mr.nii.gz")
         run([src], pm_cm, dataset_json, base)
+
+
+def test_many_warnings_make_one_summary_each_and_a_full_report(tmp_path, pm_cm, dataset_json, base):
+    """12 MR-like volumes and 7 unreadable files: one warning per kind (count, the first 5 files, what to check),
+    not one per file; with ``report_dir`` every file is listed in the report, which a clean run removes."""
+    src = tmp_path / "unl"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    mr = sorted(write_image(rng.uniform(0, 1000, size=(8, 16, 16)).astype(np.float32), src / f"mr_{i:02d}.nii.gz")
+                for i in range(12))
+    bad = sorted(str(src / f"bad_{i}.nii.gz") for i in range(7))
+    for b in bad:
+        Path(b).write_bytes(b"not an image")
+
+    def summaries(**kw):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            cases = run([src], pm_cm, dataset_json, base, **kw)
+        assert len(cases) == 12
+        assert all(issubclass(w.category, IngestWarning) for w in rec), [str(w.message) for w in rec]
+        not_hu = [w for w in rec if "do not look like CT" in str(w.message)]
+        skipped = [w for w in rec if str(w.message).startswith("skipped")]
+        assert len(rec) == 2 and len(not_hu) == 1 and len(skipped) == 1, [str(w.message) for w in rec]
+        return str(not_hu[0].message), not_hu[0].message, str(skipped[0].message), skipped[0].message
+
+    text, w, skip_text, skip_w = summaries()
+    assert text.startswith("12 unlabeled image file(s) do not look like CT in Hounsfield units")
+    assert [p for p in mr if p in text] == mr[:5] and "... and 7 more" in text
+    assert "CTNormalization" in text and "rescale slope/intercept" in text
+    assert sorted(e.split(": channel 0 (CT)")[0] for e in w.entries) == mr
+    assert skip_text.startswith("skipped 7 unlabeled file(s):")
+    assert [p for p in bad if p in skip_text] == bad[:5] and "... and 2 more" in skip_text
+    assert sorted(e.split(": ")[0] for e in skip_w.entries) == bad
+
+    report_dir = tmp_path / "out"
+    report_dir.mkdir()
+    report = report_dir / ingest.REPORT_FILE
+    text, _, skip_text, _ = summaries(report_dir=str(report_dir))  # cached: the same summary again
+    assert f"(all 12 in {report})" in text and f"(all 7 in {report})" in skip_text
+    lines = report.read_text().splitlines()
+    for p in mr:
+        assert sum(line.startswith(f"{p}: channel 0 (CT) does not look like CT") for line in lines) == 1
+    for p in bad:
+        assert sum(line.startswith(f"{p}: SimpleITK cannot read it") for line in lines) == 1
+
+    for p in mr[1:] + bad:
+        os.remove(p)
+    write_image(ct(92), src / "ct.nii.gz")
+    os.remove(mr[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run([src], pm_cm, dataset_json, base, report_dir=str(report_dir))
+    assert not report.exists()  # no stale report of the earlier run
 
 
 @pytest.mark.parametrize("phase", ["_probe", "_stat", "_hash_and_check", "_preprocess_case"])

@@ -34,10 +34,13 @@ def test_pretrain_outputs(pretrained):
     kinds = [c["kind"] for c in meta["cases"]]
     assert kinds.count("labeled") == 6 and kinds.count("unlabeled") == 2
     assert all(len(c["sha256"]) == 64 for c in meta["cases"])
+    assert "mean view overlap" in log and "2 regions" in log   # the epoch line; the loader's pairs of regions
     log = json.loads((out / "pgl_log.json").read_text())
     assert [r["epoch"] for r in log] == [0, 1]
-    for key in ("loss", "level_losses", "lr", "tau", "epoch_time_s", "data_wait_fraction", "views_per_s"):
+    for key in ("loss", "level_losses", "lr", "tau", "epoch_time_s", "data_wait_fraction", "views_per_s",
+                "mean_overlap"):
         assert key in log[-1]
+    assert all(0.1 - 1e-6 <= r["mean_overlap"] <= 1.0 for r in log)   # never below min_overlap
     # the unlabeled cache sits beside nnU-Net's data folder, never inside it
     pre = os.path.join(env["nnUNet_preprocessed"], DATASET)
     assert os.path.isdir(os.path.join(pre, "nnUNetPlans_3d_fullres_pgl_unlabeled"))
@@ -48,7 +51,7 @@ def test_resume_continues_from_saved_epoch(pretrained):
     env, out, _ = pretrained
     before = torch.load(out / "checkpoint_final.pth", weights_only=True)
     assert before["current_epoch"] == 2
-    p = run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--epochs", "3", "--c"], env)
+    p = run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--epochs", "3", "--c", "--no-probe"], env)
     after = torch.load(out / "checkpoint_final.pth", weights_only=True)
     assert after["current_epoch"] == 3
     log = json.loads((out / "pgl_log.json").read_text())
@@ -74,9 +77,9 @@ def test_two_cpu_ranks_stay_in_sync(planned):
     env, _, root = planned
     run([f"{BIN}/torchrun", "--standalone", "--nproc_per_node", "2", f"{BIN}/pgl_pretrain", "-d", "991",
          "-device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--method", "pgl+byol", "--num-workers", "0",
-         "--exclude-fold", "0"],
+         "--exclude-fold", "0", "--no-probe"],
         dict(env, OMP_NUM_THREADS="1"))
-    out = root / "res" / DATASET / "nnUNetPretrainerPGLBYOL__nnUNetPlans__3d_fullres" / "fold_all"
+    out = root / "res" / DATASET / "nnUNetPretrainerPGLBYOL__nnUNetPlans__3d_fullres" / "fold_0"  # --exclude-fold 0
     log = json.loads((out / "pgl_log.json").read_text())
     assert log[-1]["ranks_in_sync"] is True
     assert log[-1]["global_loss"] is not None and log[-1]["level_losses"]

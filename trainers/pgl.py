@@ -10,15 +10,33 @@ nnU-Net's 1e-2, then nnU-Net's poly decay runs over the remaining epochs. The se
 large early gradients would drive big updates through pretrained layers before the heads fit. The scratch twins
 warm up the same way so that only the initialisation differs.
 
-Where the checkpoint comes from: ``$nnUNet_pgl_weights`` (a path) if set, else the ``pgl_pretrain`` output
-convention ``$nnUNet_results/<Dataset>/<pretrainer>__<plans>__<configuration>/fold_all/checkpoint_final.pth``.
-Its ``pgl_meta`` is checked against the current plans in ``__init__``, before nnU-Net creates the output folder;
-the weights are loaded after ``initialize()`` on a fresh run only (not with ``--c``, not with ``--val``).
+Which checkpoint (:func:`choose_pgl_checkpoint`, first match wins; the training log names it and why):
+
+1. ``$nnUNet_pgl_weights`` (a path), if set: it overrides everything below;
+2. ``fold_K``: for fold K, the pretraining for fold K (``pgl_pretrain --exclude-fold K`` or ``--folds``), i.e.
+   ``$nnUNet_results/<Dataset>/<pretrainer>__<plans>__<configuration>/fold_K/checkpoint_final.pth``;
+3. ``fold_all`` of the same folder: for fold K with a leakage warning in the training log (it was not pretrained
+   for fold K; the warning counts fold K's validation cases among its labeled pretraining images);
+4. transferred: the record ``$nnUNet_results/<Dataset>/pgl_transfer__<plans>__<configuration>.json`` that
+   ``pgl_transfer`` writes names the source dataset and plans; the checkpoint is that dataset's ``fold_all``.
+
+Its ``pgl_meta`` is checked against the current plans in ``__init__``, before nnU-Net creates the output folder:
+architecture fields that differ refuse; a different target spacing or CT normalisation (clip bounds, mean, std) is
+a warning in the training log. The weights are loaded in ``initialize()`` whenever nnU-Net starts the run fresh:
+without ``--c``, and with ``--c`` when the run has no checkpoint yet. When nnU-Net loads the run's own checkpoint
+(``--c`` with one, ``--val``) it wins and nothing is loaded from PGL. Where nnU-Net may load the run's own checkpoint,
+a missing or unfitting PGL checkpoint is reported only if the run does start fresh. ``initialize()`` is the hook
+because nnU-Net's ``maybe_load_checkpoint`` reaches it through ``load_checkpoint`` (which marks the run as resumed
+first) whenever it loads a checkpoint, and otherwise ``on_train_start`` calls it after that decision; stock
+``-pretrained_weights`` loads right after it and so still overrides the PGL weights.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
@@ -26,11 +44,12 @@ from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier, get_output_folder
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_pgl.features import unwrap_network
-from nnunet_pgl.pretraining.meta import plans_meta
+from nnunet_pgl.pretraining.meta import CT_STATS, plans_meta
 
 WEIGHTS_ENV = "nnUNet_pgl_weights"
 #: the pgl_meta fields that must equal the current plans' for the weights to fit and mean the same thing
@@ -40,6 +59,35 @@ CHECKED_FIELDS = ("network_class", "architecture_fingerprint", "patch_size", "nu
 
 class PGLCheckpointError(RuntimeError):
     """The PGL checkpoint is missing, unreadable or made for other plans; the message says what to run."""
+
+
+SEED_ENV = "nnUNet_pgl_seed"
+
+
+def seed_from_env() -> Optional[int]:
+    """Seed Python's, NumPy's and PyTorch's generators from ``$nnUNet_pgl_seed`` if it is set (``pgl_demo`` sets it).
+
+    nnU-Net does not seed its training. Seeded before the network is built, the initialisation, the batch draws and
+    the augmentation repeat; on CPU with ``nnUNet_n_proc_DA=0`` (augmentation in the training process) a run then
+    reproduces exactly. With augmentation workers or on GPU (nondeterministic kernels) runs still differ.
+
+    Returns:
+        The seed, or None when the variable is unset.
+    """
+    value = os.environ.get(SEED_ENV)
+    if value is None or value == "":
+        return None
+    try:
+        seed = int(value)
+    except ValueError:
+        raise ValueError(f"${SEED_ENV}={value!r} is not an integer; unset it or give a whole number") from None
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+    return seed
 
 
 class WarmupPolyLRScheduler(PolyLRScheduler):
@@ -74,6 +122,7 @@ class nnUNetTrainerScratch(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        self.seed = seed_from_env()  # before anything draws: network init, batches, augmentation
         super().__init__(plans, configuration, fold, dataset_json, device)
         if self.num_epochs_override is not None:
             self.num_epochs = self.num_epochs_override
@@ -91,12 +140,125 @@ class nnUNetTrainerScratch(nnUNetTrainer):
         return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
 
 
-def default_checkpoint_path(plans: dict, configuration: str, pretrainer: str) -> Optional[str]:
+#: pgl_transfer's record: one JSON file per target dataset, plans and configuration, named in nnU-Net's
+#: ``<trainer>__<plans>__<configuration>`` scheme with this in place of the trainer
+TRANSFER_RECORD = "pgl_transfer"
+_METHOD_FLAG = {"nnUNetPretrainerBYOL": " --method byol", "nnUNetPretrainerPGLBYOL": " --method pgl+byol"}
+
+
+def pretrain_command(dataset: str, configuration: str, plans: str, pretrainer: str) -> str:
+    """The ``pgl_pretrain`` command line that writes ``pretrainer``'s checkpoint for these plans."""
+    return f"pgl_pretrain -d {dataset} -c {configuration} -p {plans}{_METHOD_FLAG.get(pretrainer, '')}"
+
+
+def pretraining_checkpoint(dataset_name: str, plans_name: str, configuration: str, pretrainer: str,
+                           fold: Union[int, str]) -> str:
+    """``checkpoint_final.pth`` of ``pgl_pretrain``'s output folder: fold K = ``--exclude-fold K``, ``'all'`` = none."""
+    return join(get_output_folder(dataset_name, pretrainer, plans_name, configuration, fold), "checkpoint_final.pth")
+
+
+def default_checkpoint_path(plans: dict, configuration: str, pretrainer: str,
+                            fold: Union[int, str] = "all") -> Optional[str]:
     """Where ``pgl_pretrain`` writes the final checkpoint for these plans (None without ``nnUNet_results``)."""
     if not nnUNet_results:
         return None
-    return join(nnUNet_results, plans["dataset_name"], f"{pretrainer}__{plans['plans_name']}__{configuration}",
-                "fold_all", "checkpoint_final.pth")
+    return pretraining_checkpoint(plans["dataset_name"], plans["plans_name"], configuration, pretrainer, fold)
+
+
+def transfer_record_path(dataset_name: str, plans_name: str, configuration: str) -> str:
+    """``$nnUNet_results/<Dataset>/pgl_transfer__<plans>__<configuration>.json`` (see :mod:`.transfer`)."""
+    return join(nnUNet_results, dataset_name,
+                convert_trainer_plans_config_to_identifier(TRANSFER_RECORD, plans_name, configuration) + ".json")
+
+
+def read_transfer_record(path: str) -> Dict[str, Any]:
+    """The record ``pgl_transfer`` wrote, or :class:`PGLCheckpointError` saying what to do."""
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PGLCheckpointError(f"cannot read the pgl_transfer record {path}: {type(e).__name__}: {e}. Run "
+                                 "pgl_transfer again (it rewrites the record), or delete the file") from None
+    missing = [k for k in ("source_dataset", "source_plans", "configuration")
+               if not isinstance(rec, dict) or not isinstance(rec.get(k), str)]
+    if missing:
+        raise PGLCheckpointError(f"{path} is not a pgl_transfer record (no {', '.join(missing)}). Run pgl_transfer "
+                                 "again (it rewrites the record), or delete the file")
+    return rec
+
+
+@dataclass
+class CheckpointChoice:
+    """The PGL checkpoint of a fine-tuning run, and why it was chosen.
+
+    Attributes:
+        path: the checkpoint file.
+        source: ``'environment variable'``, ``'fold_K'``, ``'fold_all'`` or ``'transferred'``.
+        why: one line for the training log.
+        fallback: True when fold K uses ``fold_all`` for want of a finished ``fold_K`` (possible leakage).
+    """
+
+    path: str
+    source: str
+    why: str
+    fallback: bool = False
+
+
+def choose_pgl_checkpoint(plans: dict, configuration: str, fold: Union[int, str], pretrainer: str,
+                          trainer_name: str = "nnUNetTrainerPGL") -> CheckpointChoice:
+    """The checkpoint a fine-tuning run of ``fold`` uses: ``$nnUNet_pgl_weights``, else ``fold_K`` of the
+    pretrainer's folder, else its ``fold_all``, else the pretraining a ``pgl_transfer`` record names.
+
+    Raises :class:`PGLCheckpointError` naming what was looked for and the command that makes it.
+    """
+    dataset, plans_name = plans["dataset_name"], plans["plans_name"]
+    env = os.environ.get(WEIGHTS_ENV)
+    if env:
+        if not isfile(env):
+            raise PGLCheckpointError(f"{trainer_name} needs a PGL checkpoint, and {WEIGHTS_ENV}={env} does not "
+                                     "exist. Point it to a checkpoint_final.pth, or unset it to use the pgl_pretrain "
+                                     "outputs")
+        return CheckpointChoice(env, "environment variable",
+                                f"the environment variable {WEIGHTS_ENV} (it overrides the pgl_pretrain outputs)")
+    fix = pretrain_command(dataset, configuration, plans_name, pretrainer)
+    if not nnUNet_results:
+        raise PGLCheckpointError(f"{trainer_name} needs a PGL checkpoint: set nnUNet_results (where {fix} writes "
+                                 f"it) or {WEIGHTS_ENV}")
+    note = ""
+    if fold != "all":
+        p = pretraining_checkpoint(dataset, plans_name, configuration, pretrainer, fold)
+        if isfile(p):
+            return CheckpointChoice(p, f"fold_{fold}", f"fold_{fold}, the pretraining for fold {fold} (pgl_pretrain "
+                                    f"--exclude-fold {fold} or --folds), which left fold {fold}'s validation cases out")
+        if isfile(join(os.path.dirname(p), "checkpoint_latest.pth")):
+            note = (f"the pretraining for fold {fold} is unfinished ({os.path.dirname(p)} has no checkpoint_final.pth;"
+                    f" resume it: {fix} --exclude-fold {fold} --c)")
+        else:
+            note = f"there is no pretraining for fold {fold} ({p} does not exist)"
+    p = pretraining_checkpoint(dataset, plans_name, configuration, pretrainer, "all")
+    if isfile(p):
+        if fold == "all":
+            return CheckpointChoice(p, "fold_all", "fold_all, the pretraining without --exclude-fold, for the run on "
+                                    "fold 'all'")
+        return CheckpointChoice(p, "fold_all", f"fold_all, because {note}", fallback=True)
+    record = transfer_record_path(dataset, plans_name, configuration)
+    if isfile(record):
+        rec = read_transfer_record(record)
+        src = pretraining_checkpoint(rec["source_dataset"], rec["source_plans"], configuration, pretrainer, "all")
+        if not isfile(src):
+            raise PGLCheckpointError(
+                f"{trainer_name} needs a PGL checkpoint: {record} (written by pgl_transfer) says these plans come from "
+                f"{rec['source_dataset']} (plans {rec['source_plans']}), but its pretraining {src} does not exist. "
+                f"Run: {pretrain_command(rec['source_dataset'], configuration, rec['source_plans'], pretrainer)} (or "
+                f"set {WEIGHTS_ENV})")
+        return CheckpointChoice(src, "transferred", f"transferred: {record} (written by pgl_transfer) names the "
+                                f"pretraining of {rec['source_dataset']} with plans {rec['source_plans']}")
+    per_fold = (f", or {fix} --folds 0 1 2 3 4 for one pretraining per fold (leakage-free cross-validation)"
+                if fold != "all" else "")
+    raise PGLCheckpointError(
+        f"{trainer_name} needs a PGL checkpoint, and the pgl_pretrain output {p} does not exist"
+        f"{' (' + note + ')' if note else ''}. Run: {fix}{per_fold} (or set {WEIGHTS_ENV} to a checkpoint_final.pth, "
+        f"or use another dataset's pretraining: pgl_transfer -s SOURCE -t {dataset})")
 
 
 def read_pgl_checkpoint(path: str) -> Dict[str, Any]:
@@ -110,8 +272,9 @@ def read_pgl_checkpoint(path: str) -> Dict[str, Any]:
             f"{WEIGHTS_ENV} to a complete checkpoint_final.pth") from None
 
 
-def check_pgl_meta(ckpt: Dict[str, Any], path: str, plans: dict, configuration: str, dataset_json: dict) -> None:
-    """Raise :class:`PGLCheckpointError` naming the first field where ``pgl_meta`` differs from these plans."""
+def check_pgl_meta(ckpt: Dict[str, Any], path: str, plans: dict, configuration: str, dataset_json: dict) -> List[str]:
+    """Raise :class:`PGLCheckpointError` naming the first architecture field where ``pgl_meta`` differs from these
+    plans; return the warnings about target spacing and CT normalisation (:func:`preprocessing_mismatches`)."""
     fix = f"pgl_pretrain -d {plans['dataset_name']} -c {configuration} -p {plans['plans_name']}"
     meta = ckpt.get("pgl_meta") if isinstance(ckpt, dict) else None
     if meta is None:
@@ -123,13 +286,54 @@ def check_pgl_meta(ckpt: Dict[str, Any], path: str, plans: dict, configuration: 
     pm = PlansManager({k: v for k, v in plans.items() if k != "continue_training"})
     cm = pm.get_configuration(configuration)
     here = plans_meta(pm, configuration, determine_num_input_channels(pm, cm, dataset_json))
-    for field in CHECKED_FIELDS:
-        if meta.get(field) != here[field]:
+    for field_name in CHECKED_FIELDS:
+        if meta.get(field_name) != here[field_name]:
             raise PGLCheckpointError(
-                f"the PGL checkpoint {path} does not fit these plans: '{field}' is {meta.get(field)!r} in the "
-                f"checkpoint (pretrained with plans '{meta.get('plans_identifier')}', configuration "
-                f"'{meta.get('configuration')}') but {here[field]!r} here (plans '{plans['plans_name']}', configuration "
-                f"'{configuration}'). Pretrain for these plans: {fix} (or point {WEIGHTS_ENV} to a matching checkpoint)")
+                f"the PGL checkpoint {path} does not fit these plans: '{field_name}' is {meta.get(field_name)!r} in "
+                f"the checkpoint (pretrained with plans '{meta.get('plans_identifier')}', configuration "
+                f"'{meta.get('configuration')}') but {here[field_name]!r} here (plans '{plans['plans_name']}', "
+                f"configuration '{configuration}'). Pretrain for these plans: {fix} (or point {WEIGHTS_ENV} to a "
+                "matching checkpoint)")
+    return preprocessing_mismatches(meta, here)
+
+
+def _close(a: Any, b: Any) -> bool:
+    try:
+        return len(a) == len(b) and all(math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9)
+                                        for x, y in zip(a, b))
+    except TypeError:
+        return False
+
+
+def _g(values: Any) -> str:
+    return "[" + ", ".join(f"{float(v):.6g}" for v in values) + "]"
+
+
+def _ct(stats: Optional[Dict[str, float]]) -> str:
+    if stats is None:
+        return "no CT normalisation"
+    return (f"clip [{stats['percentile_00_5']:.6g}, {stats['percentile_99_5']:.6g}], mean {stats['mean']:.6g}, "
+            f"std {stats['std']:.6g}")
+
+
+def preprocessing_mismatches(meta: Dict[str, Any], here: Dict[str, Any]) -> List[str]:
+    """Where the checkpoint was preprocessed otherwise than these plans preprocess, with both values: the target
+    spacing, and per CT-normalised channel the clip bounds, mean and std. The weights still fit (a warning, not a
+    refusal); fields an older ``pgl_meta`` lacks are not compared."""
+    src = f"plans '{meta.get('plans_identifier')}' of {meta.get('dataset_name')}"
+    dst = f"plans '{here['plans_identifier']}' of {here['dataset_name']}"
+    out: List[str] = []
+    if meta.get("spacing") is not None and not _close(meta["spacing"], here["spacing"]):
+        out.append(f"target spacing {_g(meta['spacing'])} in the PGL checkpoint ({src}) but {_g(here['spacing'])} "
+                   f"here ({dst}): the network sees other voxel sizes than it was pretrained on")
+    theirs, ours = meta.get("ct_normalization"), here.get("ct_normalization") or {}
+    if theirs is not None:
+        for ch in sorted(set(theirs) | set(ours), key=lambda c: int(c)):
+            a, b = theirs.get(ch), ours.get(ch)
+            if a is None or b is None or not _close([a[k] for k in CT_STATS], [b[k] for k in CT_STATS]):
+                out.append(f"CT normalisation of channel {ch}: {_ct(a)} in the PGL checkpoint ({src}) but {_ct(b)} "
+                           f"here ({dst}): the same intensities reach the network as other values than in pretraining")
+    return out
 
 
 class nnUNetTrainerPGL(nnUNetTrainerScratch):
@@ -140,30 +344,34 @@ class nnUNetTrainerPGL(nnUNetTrainerScratch):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        fresh = not plans.get("continue_training", False)
-        self._pgl_checkpoint: Optional[str] = None
-        if fresh:
-            self._pgl_checkpoint = self._locate_and_check(plans, configuration, fold, dataset_json)
+        self._pgl_choice: Optional[CheckpointChoice] = None
+        self._pgl_error: Optional[PGLCheckpointError] = None
+        try:  # before nnU-Net creates the output folder
+            self._pgl_choice = self._choose_and_check(plans, configuration, fold, dataset_json)
+        except PGLCheckpointError as e:
+            if not self._may_load_own_checkpoint(plans, configuration, fold):
+                raise
+            self._pgl_error = e  # raised in initialize() only if nnU-Net does start this run fresh
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._pgl_from_checkpoint = False
 
-    def _locate_and_check(self, plans: dict, configuration: str, fold, dataset_json: dict) -> Optional[str]:
-        """Find the checkpoint and check its pgl_meta, before nnU-Net creates any output folder."""
-        path = os.environ.get(WEIGHTS_ENV) or default_checkpoint_path(plans, configuration, self.pretrainer_name)
-        if path is None or not isfile(path):
-            own = (join(nnUNet_results, plans["dataset_name"],
-                        f"{self.__class__.__name__}__{plans['plans_name']}__{configuration}", f"fold_{fold}")
-                   if nnUNet_results else None)
-            if own and isfile(join(own, "checkpoint_final.pth")):
-                return None  # a finished run (e.g. --val): nothing to initialise, no reason to refuse
-            method = {"nnUNetPretrainerBYOL": " --method byol"}.get(self.pretrainer_name, "")
-            src = f"{WEIGHTS_ENV}={path}" if os.environ.get(WEIGHTS_ENV) else f"the pgl_pretrain output {path}"
-            raise PGLCheckpointError(
-                f"{self.__class__.__name__} needs a PGL checkpoint, and {src} does not exist. Run: pgl_pretrain -d "
-                f"{plans['dataset_name']} -c {configuration} -p {plans['plans_name']}{method} (or set {WEIGHTS_ENV} "
-                "to a checkpoint_final.pth)")
-        check_pgl_meta(read_pgl_checkpoint(path), path, plans, configuration, dataset_json)
-        return path
+    def _choose_and_check(self, plans: dict, configuration: str, fold, dataset_json: dict) -> CheckpointChoice:
+        """Choose the checkpoint (:func:`choose_pgl_checkpoint`) and check its pgl_meta against these plans."""
+        choice = choose_pgl_checkpoint(plans, configuration, fold, self.pretrainer_name, self.__class__.__name__)
+        check_pgl_meta(read_pgl_checkpoint(choice.path), choice.path, plans, configuration, dataset_json)
+        return choice
+
+    def _may_load_own_checkpoint(self, plans: dict, configuration: str, fold) -> bool:
+        """Whether nnU-Net may load this run's own checkpoint instead of starting fresh (nnU-Net's
+        ``maybe_load_checkpoint``): with ``--c`` any of final/latest/best; otherwise ``checkpoint_final.pth``, which
+        ``--val`` loads (a plain rerun of a finished run starts fresh, and ``initialize()`` then reports the error)."""
+        if not nnUNet_results:
+            return False
+        own = get_output_folder(plans["dataset_name"], self.__class__.__name__, plans["plans_name"], configuration,
+                                fold)
+        names = (("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+                 if plans.get("continue_training", False) else ("checkpoint_final.pth",))
+        return any(isfile(join(own, n)) for n in names)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         self._pgl_from_checkpoint = True  # --c / --val: the run's own checkpoint wins, no PGL init
@@ -171,12 +379,52 @@ class nnUNetTrainerPGL(nnUNetTrainerScratch):
 
     def initialize(self):
         super().initialize()
-        if self._pgl_checkpoint is not None and not self._pgl_from_checkpoint:
-            self.load_pgl_weights(self._pgl_checkpoint)
+        if self._pgl_from_checkpoint:
+            return
+        # nnU-Net starts this run fresh: no --c, or --c without a checkpoint of this run (maybe_load_checkpoint calls
+        # load_checkpoint, which initialises, whenever it loads one)
+        if self._pgl_error is not None:
+            raise self._pgl_error
+        assert self._pgl_choice is not None
+        path = self._pgl_choice.path
+        ckpt = read_pgl_checkpoint(path)
+        warnings = check_pgl_meta(ckpt, path, self.plans_manager.plans, self.configuration_name, self.dataset_json)
+        self.print_to_log_file(f"PGL checkpoint {path}, chosen: {self._pgl_choice.why}")
+        if self._pgl_choice.fallback:
+            self.print_to_log_file(f"WARNING: {self._leakage_warning(ckpt.get('pgl_meta') or {})}")
+        for w in warnings:
+            self.print_to_log_file(f"WARNING: {w}. Fine-tuning adapts to it; to fine-tune with the pretraining's "
+                                   "spacing and intensity scaling, preprocess this dataset with its plans "
+                                   "(pgl_transfer)")
+        self.load_pgl_weights(path, ckpt)
 
-    def load_pgl_weights(self, path: str) -> Tuple[int, int]:
+    def _leakage_warning(self, meta: Dict[str, Any]) -> str:
+        """Fold K uses ``fold_all``: how many of fold K's validation cases it saw (labeled images, by case id), and
+        the command for leakage-free cross-validation."""
+        k = self.fold
+        pm = self.plans_manager
+        fix = (f"{pretrain_command(pm.dataset_name, self.configuration_name, pm.plans_name, self.pretrainer_name)} "
+               "--folds 0 1 2 3 4")
+        detail = f"it may have seen fold {k}'s validation images"
+        splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json") \
+            if self.preprocessed_dataset_folder_base else None
+        if splits_file and isfile(splits_file) and meta.get("dataset_name") in (None, pm.dataset_name):
+            with open(splits_file) as f:
+                splits = json.load(f)
+            if isinstance(k, int) and 0 <= k < len(splits):
+                val = set(splits[k]["val"])
+                seen = sorted(val & {c.get("case_id") for c in meta.get("cases") or [] if c.get("kind") == "labeled"})
+                detail = (f"{len(seen)} of the {len(val)} validation cases of fold {k} are among its labeled "
+                          f"pretraining images ({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''})" if seen else
+                          f"none of the {len(val)} validation cases of fold {k} is among its labeled pretraining "
+                          "images; copies among its unlabeled images are not checked here")
+        return (f"leakage: fold {k} is initialised from fold_all, not from a pretraining for fold {k}: {detail}. This "
+                f"fold's validation numbers may be optimistic (pgl_compare checks every fold). Leakage-free "
+                f"cross-validation: {fix}, then train fold {k} again")
+
+    def load_pgl_weights(self, path: str, ckpt: Optional[Dict[str, Any]] = None) -> Tuple[int, int]:
         """Copy the checkpoint's U-Net weights into the (unwrapped) network; log a report; return (loaded, skipped)."""
-        weights = read_pgl_checkpoint(path)["network_weights"]
+        weights = (ckpt if ckpt is not None else read_pgl_checkpoint(path))["network_weights"]
         net = unwrap_network(self.network)
         own = net.state_dict()
         load: Dict[str, torch.Tensor] = {}
