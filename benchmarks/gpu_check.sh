@@ -68,6 +68,7 @@ if ((tiny)); then
 else
     device=cuda patch="128 128 128" iters=10 workers=2 cases=6 budget=${GPU_CHECK_BUDGET_S:-480} cap_scale=1
     probe_off=() probe_small=() suite_run=()
+    export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-4}  # nnU-Net's fine-tune augmentation: the steps share the cores
     if [[ $cuda != 1 ]]; then
         echo "gpu_check: no CUDA device is visible to $py; on CPU use --tiny" >&2
         exit 2
@@ -102,7 +103,10 @@ run() {  # run CAP CMD...: CMD under the time limit (its process group is killed
     t=$(limit "$1")
     shift
     if ((t <= 0)); then echo "problem: no time left in the ${budget} s budget"; return 124; fi
-    timeout -k 20 "$t" "$@"
+    timeout -k 20 "$t" "$@" &  # timeout leads a process group of its own: its id is noted so that an interrupt
+    local pid=$!               # of the whole check can stop that group (see the trap below)
+    echo "$pid" >>"$out/tmp/groups"
+    wait "$pid"
     local rc=$? shown="$*"
     if ((rc == 124 || rc == 137)); then  # (on a line of its own: the log may end in a progress bar)
         printf '\nproblem: timed out after %s s: %s\n' "$t" "${shown//"$EP"/<entry point>}"
@@ -202,9 +206,9 @@ do_suite() {
 }
 
 job_pgl() {
-    local unl=(--unlabeled "$work/unlabeled")
-    ((tiny)) && unl+=(-np 1 "${probe_small[@]}")
-    step pretrain_pgl do_pretrain pgl 2 -num_gpus 1 "${unl[@]}"
+    local extra=(--unlabeled "$work/unlabeled")
+    ((tiny)) && extra+=(-np 1 "${probe_small[@]}")
+    step pretrain_pgl do_pretrain pgl 2 -num_gpus 1 "${extra[@]}"
     # the extension and the fine-tune side by side: the fine-tune reads checkpoint_final.pth of the 2 or of the 3
     # epochs (it is replaced atomically), both fit
     after pretrain_pgl extend_pgl do_pretrain pgl 3 --c &
@@ -225,6 +229,10 @@ nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || echo "(nvidia-smi failed or is missing
 cat "$out/env.txt"
 echo
 
+# Ctrl-C or a kill of this script: stop the commands still running (each in its timeout's process group)
+trap 'trap - INT TERM; echo "gpu_check: interrupted, stopping the running steps" >&2
+      while read -r g; do kill -TERM -- "-$g" 2>/dev/null; done <"$out/tmp/groups"; exit 130' INT TERM
+touch "$out/tmp/groups"
 step prepare do_prepare
 job_pgl &
 { step pretrain_byol do_pretrain byol 2 "${probe_off[@]}"

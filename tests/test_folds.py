@@ -207,12 +207,12 @@ def test_continue_without_own_checkpoint_initialises_from_pgl(planned, tmp_path,
 @pytest.mark.slow
 def test_folds_pretraining_then_leakage_guard_is_clean(planned, tmp_path, monkeypatch):
     """pgl_pretrain --folds 0 1 2 3 4: one pretraining per fold in fold_K (each without fold K's validation cases),
-    resumable; nnUNetTrainerPGL_smoke on fold 0 uses fold_0 and says why; pgl_compare's guard finds no leakage."""
+    resumable; nnUNetTrainerPGL_smoke on fold 1 uses fold_1 and says why; pgl_compare's guard finds no leakage."""
     env, _, root = planned
     env = dict(env, nnUNet_results=str(tmp_path / "res"))
     env.pop("nnUNet_pgl_weights", None)
     cmd = [f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--epochs", "1", "--iters-per-epoch", "1",
-           "--num-workers", "0", "--no-probe", "--folds", "0", "1", "2", "3", "4"]
+           "--batch-size", "1", "--num-workers", "0", "--no-probe", "--folds", "0", "1", "2", "3", "4"]
     run(cmd, env)
     base = tmp_path / "res" / DATASET / PGL_DIR
     splits = json.loads((root / "pre" / DATASET / "splits_final.json").read_text())
@@ -232,20 +232,20 @@ def test_folds_pretraining_then_leakage_guard_is_clean(planned, tmp_path, monkey
     assert "fold 4 (5/5): resuming from checkpoint_latest.pth" in p.stdout and "Epoch 0" not in p.stdout
     assert (base / "fold_4" / "checkpoint_final.pth").is_file()
 
-    # fine-tune fold 0: fold_0 is chosen, and the log says so and why
+    # fine-tune fold 1 (one validation case: the shortest final validation): fold_1 is chosen, the log says why
     from test_trainers import clean_env
-    ft = run([f"{BIN}/nnUNetv2_train", "991", "3d_fullres", "0", "-tr", "nnUNetTrainerPGL_smoke", "-device", "cpu"],
+    ft = run([f"{BIN}/nnUNetv2_train", "991", "3d_fullres", "1", "-tr", "nnUNetTrainerPGL_smoke", "-device", "cpu"],
              clean_env(env))
     text = ft.stdout + ft.stderr
-    fold0 = base / "fold_0" / "checkpoint_final.pth"
-    assert f"PGL checkpoint {fold0}, chosen: fold_0, the pretraining for fold 0" in text
+    fold1 = base / "fold_1" / "checkpoint_final.pth"
+    assert f"PGL checkpoint {fold1}, chosen: fold_1, the pretraining for fold 1" in text
     assert "WARNING: leakage" not in text
 
-    # pgl_compare over all five folds: fold 0 read from its training log, folds 1-4 by the trainer's choice now.
-    # The baseline arm is a copy of fold 0's validation summary (the guard looks only at PGL arms).
+    # pgl_compare over all five folds: fold 1 read from its training log, the others by the trainer's choice now.
+    # The baseline arm is a copy of fold 1's validation summary (the guard looks only at PGL arms).
     res = tmp_path / "res" / DATASET
-    val = res / "nnUNetTrainerPGL_smoke__nnUNetPlans__3d_fullres" / "fold_0" / "validation" / "summary.json"
-    twin = res / "nnUNetTrainerScratch_smoke__nnUNetPlans__3d_fullres" / "fold_0" / "validation"
+    val = res / "nnUNetTrainerPGL_smoke__nnUNetPlans__3d_fullres" / "fold_1" / "validation" / "summary.json"
+    twin = res / "nnUNetTrainerScratch_smoke__nnUNetPlans__3d_fullres" / "fold_1" / "validation"
     twin.mkdir(parents=True)
     shutil.copy(val, twin / "summary.json")
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -259,4 +259,4 @@ def test_folds_pretraining_then_leakage_guard_is_clean(planned, tmp_path, monkey
     assert set(by_ckpt) == {str(base / f"fold_{k}" / "checkpoint_final.pth") for k in range(5)}
     for k in range(5):
         e = by_ckpt[str(base / f"fold_{k}" / "checkpoint_final.pth")]
-        assert list(e["folds"]) == [k] and e["found_by"] == (["training log"] if k == 0 else ["lookup"])
+        assert list(e["folds"]) == [k] and e["found_by"] == (["training log"] if k == 1 else ["lookup"])

@@ -50,3 +50,18 @@ def test_broken_python_fails_before_any_step(tmp_path):
 def test_gpu_mode_without_cuda_points_to_tiny(tmp_path):
     p = _run(str(tmp_path / "out"))
     assert p.returncode == 2 and "no CUDA device" in p.stderr and "--tiny" in p.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_with_one_process_runs_the_ddp_code(planned, tmp_path):
+    """gpu_check.sh's ddp_1rank step on CPU: any torchrun launch, one process too, trains under DDP (gloo here)."""
+    import json
+
+    from conftest import BIN, DATASET, run
+    env, _, _ = planned
+    run([f"{BIN}/torchrun", "--standalone", "--nproc_per_node", "1", f"{BIN}/pgl_pretrain", "-d", "991",
+         "-device", "cpu", "--epochs", "1", "--iters-per-epoch", "1", "--num-workers", "0", "--no-probe"],
+        dict(env, nnUNet_results=str(tmp_path), OMP_NUM_THREADS="1"))
+    log = json.loads((tmp_path / DATASET / "nnUNetPretrainerPGL__nnUNetPlans__3d_fullres" / "fold_all" /
+                      "pgl_log.json").read_text())
+    assert log[-1]["ranks_in_sync"] is True  # recorded under DDP only

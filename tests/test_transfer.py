@@ -114,7 +114,7 @@ def test_one_pretraining_two_datasets_end_to_end(planned, tmp_path):
 
     # one pretraining on A's images plus B's raw imagesTr folder
     run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--epochs", "1", "--iters-per-epoch", "1",
-         "--num-workers", "0", "--no-probe", "-np", "1", "--unlabeled", images_b], env)
+         "--batch-size", "1", "--num-workers", "0", "--no-probe", "-np", "1", "--unlabeled", images_b], env)
     ckpt = tmp_path / "res" / DATASET / "nnUNetPretrainerPGL__nnUNetPlans__3d_fullres" / "fold_all" / \
         "checkpoint_final.pth"
     assert ckpt.is_file()
@@ -145,8 +145,10 @@ def test_one_pretraining_two_datasets_end_to_end(planned, tmp_path):
     assert f"PGL initialisation from {ckpt}: loaded" in text
     assert "WARNING" not in text[text.index("PGL checkpoint"):text.index("PGL initialisation from")]  # A's plans
 
-    out = tmp_path / "pred"
-    run([f"{BIN}/nnUNetv2_predict", "-i", images_b, "-o", str(out), "-d", "993", "-p", tp, "-c", "3d_fullres", "-f",
+    out, inp = tmp_path / "pred", tmp_path / "in"
+    inp.mkdir()
+    os.symlink(os.path.join(images_b, "case_000_0000.nii.gz"), inp / "case_000_0000.nii.gz")
+    run([f"{BIN}/nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", "993", "-p", tp, "-c", "3d_fullres", "-f",
          "0", "-tr", "nnUNetTrainerPGL_smoke", "-device", "cpu", "-npp", "1", "-nps", "1"], clean_env(env))
     import SimpleITK as sitk
     pred = sitk.ReadImage(str(out / "case_000.nii.gz"))
