@@ -51,7 +51,7 @@ def test_resume_continues_from_saved_epoch(pretrained):
     env, out, _ = pretrained
     before = torch.load(out / "checkpoint_final.pth", weights_only=True)
     assert before["current_epoch"] == 2
-    p = run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--epochs", "3", "--c", "--no-probe"], env)
+    p = run([f"{BIN}/pgl_pretrain", "-d", "991", "-device", "cpu", "--epochs", "3", "--c"], env)
     after = torch.load(out / "checkpoint_final.pth", weights_only=True)
     assert after["current_epoch"] == 3
     log = json.loads((out / "pgl_log.json").read_text())
