@@ -31,6 +31,17 @@ def coordinate_field(size: Sequence[int], batch: int = 1, offset: Sequence[int] 
     return grid.unsqueeze(0).expand(batch, 3, *grid.shape[1:]).contiguous()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module single-threaded (``pytestmark = pytest.mark.usefixtures("one_thread")``): small 3D convolutions
+    gain nothing from intra-op threads, and on a shared 2-core runner spinning OpenMP threads slow them down
+    several-fold. The setting is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def coords() -> Callable[..., torch.Tensor]:
     """The :func:`coordinate_field` factory as a fixture."""

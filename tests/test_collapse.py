@@ -15,13 +15,7 @@ from nnunet_pgl.prior import ViewPrior
 from nnunet_pgl.views import make_view_pair
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Single-threaded, as in test_features: on a shared 2-core runner OpenMP threads slow small convolutions."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------- spread and rank

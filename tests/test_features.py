@@ -25,14 +25,7 @@ PLANS = {"plain": "plans_plain.json", "resenc_m": "plans_resenc_m.json"}
 SMALL = (16, 32, 32)          # divisible by the bottleneck stride (8, 16, 16); keeps CPU tests fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small 3D convolutions gain nothing from intra-op threads, and on a shared 2-core runner spinning OpenMP
-    threads slow this module down several-fold; run it single-threaded and restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_plans(name: str) -> dict:

@@ -38,12 +38,7 @@ OPPOSITE_FLIPS = [(1.1, 1.4, NONE, ALL), (1.3, 1.1, (True, False, True), (False,
 EXACT = 0.05          # feature voxels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plans_arch(name: str) -> dict:

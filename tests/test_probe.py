@@ -15,13 +15,7 @@ from nnunet_pgl.evaluation.probe import (ProbeCrop, ProbeSet, ProbeUnavailable, 
 from nnunet_pgl.probe import f1_scores, features_at, fit_linear_probe, foreground_mean, sample_voxels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Single-threaded, as in test_features: on a shared 2-core runner OpenMP threads slow small convolutions."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _labels(shape=(6, 10, 12), seed=0) -> torch.Tensor:

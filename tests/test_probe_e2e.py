@@ -27,7 +27,9 @@ def test_pretraining_logs_probe_and_collapse(pretrained):
     for r in log:
         assert [s["level"] for s in r["collapse"]] == log[-1]["levels"]
         assert all(0.0 < s["spread"] <= 1.0 + 1e-6 and s["effective_rank"] >= 1.0 for s in r["collapse"])
-    training_log = next(f for f in os.listdir(out) if f.startswith("training_log_"))
+    # the fixture's own run wrote the oldest training log (test_resume_continues_from_saved_epoch may add one)
+    training_log = min((f for f in os.listdir(out) if f.startswith("training_log_")),
+                       key=lambda f: (out / f).stat().st_mtime_ns)
     tl = (out / training_log).read_text()
     for line in ("Probe: levels", "Probe (random init):", "Probe (epoch 1):", "Probe time:", "Collapse/shortcut:"):
         assert line in tl and line in text, line
