@@ -109,7 +109,8 @@ def _run_folds(args: argparse.Namespace) -> None:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
-    from nnunet_pgl.pretraining.config import CONFIG_FILE, PRETRAINER_BY_METHOD, PretrainConfig
+    from nnunet_pgl.pretraining.config import CONFIG_FILE, PretrainConfig
+    from nnunet_pgl.pretraining.contract import PRETRAINER_BY_METHOD
     trainer = PRETRAINER_BY_METHOD[args.method or "pgl"]
     done: List[int] = []
     for i, k in enumerate(folds):
@@ -154,7 +155,8 @@ def _run(args: argparse.Namespace) -> None:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_pgl.pretraining.config import CONFIG_ENV, CONFIG_FILE, PRETRAINER_BY_METHOD, PretrainConfig
+    from nnunet_pgl.pretraining.config import CONFIG_ENV, CONFIG_FILE, PretrainConfig
+    from nnunet_pgl.pretraining.contract import PRETRAINER_BY_METHOD
 
     for var, val in (("nnUNet_preprocessed", nnUNet_preprocessed), ("nnUNet_results", nnUNet_results)):
         if not val:

@@ -295,8 +295,8 @@ def resolve_trainers(pair: Sequence[str], fractions: Sequence[float]) -> Dict[fl
 
 
 def is_pgl_trainer(cls) -> bool:
-    """A trainer initialised from a PGL checkpoint (has ``pretrainer_name``)."""
-    return isinstance(getattr(cls, "pretrainer_name", None), str)
+    """A trainer initialised from a PGL checkpoint (declares ``pgl_method``)."""
+    return isinstance(getattr(cls, "pgl_method", None), str)
 
 
 # ================================================================================================ training
@@ -420,9 +420,9 @@ def conventional_checkpoint(trainer_cls, plans: dict, configuration: str, fold: 
     """``(path, None)`` of the checkpoint the PGL trainer would choose for this fold now (``$nnUNet_pgl_weights``,
     else ``fold_K``, ``fold_all``, a ``pgl_transfer`` record: :func:`~nnunet_pgl.trainers.pgl.choose_pgl_checkpoint`),
     or ``(None, why not)``."""
-    from nnunet_pgl.trainers.pgl import PGLCheckpointError, choose_pgl_checkpoint
+    from nnunet_pgl.pretraining.contract import PGLCheckpointError, choose_pgl_checkpoint
     try:
-        return choose_pgl_checkpoint(plans, configuration, fold, trainer_cls.pretrainer_name,
+        return choose_pgl_checkpoint(plans, configuration, fold, trainer_cls.pretrainer(),
                                      trainer_cls.__name__).path, None
     except PGLCheckpointError as e:
         return None, str(e)
@@ -514,7 +514,7 @@ def leakage_guard(arms: Dict[float, Tuple[Any, Any]], results_dataset: str, plan
     yet, or resumed logs) use the one the trainer would choose now for that fold (``$nnUNet_pgl_weights``, else
     ``fold_K``, ``fold_all``, a ``pgl_transfer`` record).
     """
-    from nnunet_pgl.trainers.pgl import PGLCheckpointError, read_pgl_checkpoint
+    from nnunet_pgl.pretraining.contract import PGLCheckpointError, read_pgl_checkpoint
     entries: Dict[Tuple[str, str], Dict[str, Any]] = {}
     raw: Optional[Dict[str, List[str]]] = None
     for f, classes in arms.items():
@@ -527,8 +527,8 @@ def leakage_guard(arms: Dict[float, Tuple[Any, Any]], results_dataset: str, plan
                 path, how, why_not = checkpoint_from_training_log(fd), "training log", None
                 if path is None:
                     (path, why_not), how = conventional_checkpoint(cls, plans, configuration, fold), "lookup"
-                key = (cls.pretrainer_name, str(path))
-                e = entries.setdefault(key, {"pretrainer": cls.pretrainer_name, "checkpoint": path, "arms": [],
+                key = (cls.pretrainer(), str(path))
+                e = entries.setdefault(key, {"pretrainer": cls.pretrainer(), "checkpoint": path, "arms": [],
                                              "found_by": set(), "folds": {}, "error": None, "why_not": why_not})
                 if name not in e["arms"]:
                     e["arms"].append(name)
@@ -605,6 +605,7 @@ def _frac_label(f: float) -> str:
 def leakage_lines(guard: List[Dict[str, Any]], dataset: str, configuration: str, plans: str) -> List[str]:
     """The prominent lines at the top of the report: one per leaking (checkpoint, fold) and how to fix it, or
     'no leakage'."""
+    from nnunet_pgl.pretraining.contract import pretrain_command
     lines = []
     checked_any = False
     fixes = []
@@ -612,8 +613,6 @@ def leakage_lines(guard: List[Dict[str, Any]], dataset: str, configuration: str,
         if e["error"]:
             lines.append(f"**Leakage guard: could not check {', '.join(e['arms'])}: {e['error']}.**")
             continue
-        method = {"nnUNetPretrainerBYOL": " --method byol", "nnUNetPretrainerPGLBYOL": " --method pgl+byol"}.get(
-            e["pretrainer"], "")
         who = f"{e['pretrainer']} checkpoint of {', '.join(e['arms'])}" if len(guard) > 1 else ""
         leaked_folds = []
         for fold, r in sorted(e["folds"].items()):
@@ -629,7 +628,7 @@ def leakage_lines(guard: List[Dict[str, Any]], dataset: str, configuration: str,
             lines.append(f"**LEAKAGE: {k} of {n} validation cases of fold {fold} were seen in pretraining; rerun "
                          f"pgl_pretrain --exclude-fold {fold}** ({'; '.join(parts)})")
         if leaked_folds:
-            fix = (f"To fix ({e['pretrainer']}): `pgl_pretrain -d {dataset} -c {configuration} -p {plans}{method} "
+            fix = (f"To fix ({e['pretrainer']}): `{pretrain_command(dataset, configuration, plans, e['pretrainer'])} "
                    f"--folds {' '.join(map(str, leaked_folds))}` (one pretraining per fold, each written to its own "
                    "fold_K folder, which the PGL trainers then use for fold K without `nnUNet_pgl_weights`), then "
                    "train those folds again (delete their fold_K result folders first)")
@@ -954,7 +953,7 @@ def compare(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNe
                 or old.get("plans") != plans) and verbose:
         print(f"[pgl_compare] note: replacing {stem}.json, the report of {' vs '.join(old.get('pair', []))} "
               f"({old.get('configuration')}, {old.get('plans')}); use -o to keep comparisons apart", flush=True)
-    from nnunet_pgl.pretraining.meta import _dist_version
+    from nnunet_pgl.pretraining.contract import dist_version
     result: Dict[str, Any] = {
         "dataset": ds, "configuration": configuration, "plans": plans, "folds": list(folds), "pair": list(pair),
         "fractions": frac_results, "n_boot": n_boot, "seed": seed,
@@ -962,7 +961,7 @@ def compare(dataset: str, configuration: str = "3d_fullres", plans: str = "nnUNe
                               f"{' '.join(map(str, folds))} --pair {pair[0]} {pair[1]} --fractions "
                               f"{' '.join(f'{f:g}' for f in fractions)}",
         "created": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "versions": {"nnunet_pgl": nnunet_pgl.__version__, "nnunetv2": _dist_version("nnunetv2")},
+        "versions": {"nnunet_pgl": nnunet_pgl.__version__, "nnunetv2": dist_version("nnunetv2")},
         "label_names": label_names(dataset_json), "leakage": guard,
         "leakage_lines": leakage_lines(guard, ds, configuration, plans),
         "markdown": stem + ".md", "json": stem + ".json", "figure": stem + ".png",

@@ -16,9 +16,6 @@ from typing import Any, Dict, List, Optional
 CONFIG_ENV = "nnUNet_pgl_config"
 CONFIG_FILE = "pgl_config.json"
 
-#: trainer class name per method; each method gets its own output folder
-PRETRAINER_BY_METHOD = {"pgl": "nnUNetPretrainerPGL", "byol": "nnUNetPretrainerBYOL",
-                        "pgl+byol": "nnUNetPretrainerPGLBYOL"}
 
 
 @dataclass

@@ -45,7 +45,7 @@ from nnunet_pgl.pretraining.config import CONFIG_FILE, PretrainConfig, config_fr
 from nnunet_pgl.pretraining.loader import RegionDataset, TimedLoader, region_size_for
 from nnunet_pgl.views import pair_overlap
 from nnunet_pgl.pretraining.lock import RunLock
-from nnunet_pgl.pretraining.meta import build_meta, file_hash
+from nnunet_pgl.pretraining.contract import build_meta, file_hash
 from nnunet_pgl.collapse import CollapseMonitor, LevelStats, collapse_warnings
 from nnunet_pgl.evaluation.probe import ProbeSet, ProbeUnavailable, build_probe_set, format_scores, probe_network
 

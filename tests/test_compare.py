@@ -368,7 +368,8 @@ def test_fraction_do_split_on_planned_dataset(planned, tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))  # no PGL checkpoint here; logs go to tmp
     monkeypatch.delenv("nnUNet_pgl_weights", raising=False)
     from nnunet_pgl.trainers import fractions as F
-    from nnunet_pgl.trainers.pgl import PGLCheckpointError, nnUNetTrainerScratch_smoke
+    from nnunet_pgl.pretraining.contract import PGLCheckpointError
+    from nnunet_pgl.trainers.pgl import nnUNetTrainerScratch_smoke
     pre = root / "pre" / DATASET
     dataset_json = json.loads((pre / "dataset.json").read_text())
 

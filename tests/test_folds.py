@@ -16,7 +16,7 @@ import torch
 
 from conftest import BIN, DATASET, run
 
-from nnunet_pgl.trainers.pgl import PGLCheckpointError, choose_pgl_checkpoint
+from nnunet_pgl.pretraining.contract import PGLCheckpointError, choose_pgl_checkpoint
 
 PGL_DIR = "nnUNetPretrainerPGL__nnUNetPlans__3d_fullres"
 
@@ -134,7 +134,7 @@ def write_pgl_checkpoint(path, plans: dict, dataset_json: dict, seed: int) -> di
     """A PGL checkpoint as pgl_pretrain writes it for these plans (network weights + pgl_meta), random weights."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_pgl.pretraining.meta import build_meta
+    from nnunet_pgl.pretraining.contract import build_meta
     pm = PlansManager({k: v for k, v in plans.items() if k != "continue_training"})
     cm = pm.get_configuration("3d_fullres")
     torch.manual_seed(seed)

@@ -12,8 +12,8 @@ import torch
 
 from conftest import BIN, DATASET, run
 
-from nnunet_pgl.trainers.pgl import (PGLCheckpointError, WarmupPolyLRScheduler, check_pgl_meta,
-                                     read_pgl_checkpoint)
+from nnunet_pgl.pretraining.contract import PGLCheckpointError, check_pgl_meta, read_pgl_checkpoint
+from nnunet_pgl.trainers.pgl import WarmupPolyLRScheduler
 
 
 def clean_env(env):
@@ -45,7 +45,7 @@ def _plans_and_meta(data_dir):
     plans = json.loads((data_dir / "plans_plain.json").read_text())
     dataset_json = json.loads((data_dir / "dataset.json").read_text())
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_pgl.pretraining.meta import plans_meta
+    from nnunet_pgl.pretraining.contract import plans_meta
     meta = plans_meta(PlansManager(plans), "3d_fullres", 1)
     return plans, dataset_json, meta
 

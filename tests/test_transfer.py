@@ -12,7 +12,7 @@ import pytest
 
 from conftest import BIN, DATASET, run
 
-from nnunet_pgl.trainers.pgl import PGLCheckpointError, check_pgl_meta
+from nnunet_pgl.pretraining.contract import PGLCheckpointError, check_pgl_meta
 from nnunet_pgl.trainers.transfer import TransferError, transfer
 
 
@@ -20,7 +20,7 @@ def _plans_and_meta(data_dir):
     plans = json.loads((data_dir / "plans_plain.json").read_text())
     dataset_json = json.loads((data_dir / "dataset.json").read_text())
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_pgl.pretraining.meta import plans_meta
+    from nnunet_pgl.pretraining.contract import plans_meta
     return plans, dataset_json, plans_meta(PlansManager(plans), "3d_fullres", 1)
 
 

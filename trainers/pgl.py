@@ -33,10 +33,8 @@ first) whenever it loads a checkpoint, and otherwise ``on_train_start`` calls it
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
@@ -44,22 +42,12 @@ from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from nnunetv2.paths import nnUNet_results
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier, get_output_folder
-from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.file_path_utilities import get_output_folder
 
 from nnunet_pgl.features import unwrap_network
-from nnunet_pgl.pretraining.meta import CT_STATS, plans_meta
-
-WEIGHTS_ENV = "nnUNet_pgl_weights"
-#: the pgl_meta fields that must equal the current plans' for the weights to fit and mean the same thing
-CHECKED_FIELDS = ("network_class", "architecture_fingerprint", "patch_size", "num_input_channels",
-                  "normalization_schemes")
-
-
-class PGLCheckpointError(RuntimeError):
-    """The PGL checkpoint is missing, unreadable or made for other plans; the message says what to run."""
-
+from nnunet_pgl.pretraining.contract import (FINAL_CHECKPOINT, METHODS, CheckpointChoice, PGLCheckpointError,
+                                             check_pgl_meta, choose_pgl_checkpoint, pretrain_command,
+                                             read_pgl_checkpoint)
 
 SEED_ENV = "nnUNet_pgl_seed"
 
@@ -140,207 +128,17 @@ class nnUNetTrainerScratch(nnUNetTrainer):
         return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
 
 
-#: pgl_transfer's record: one JSON file per target dataset, plans and configuration, named in nnU-Net's
-#: ``<trainer>__<plans>__<configuration>`` scheme with this in place of the trainer
-TRANSFER_RECORD = "pgl_transfer"
-_METHOD_FLAG = {"nnUNetPretrainerBYOL": " --method byol", "nnUNetPretrainerPGLBYOL": " --method pgl+byol"}
-
-
-def pretrain_command(dataset: str, configuration: str, plans: str, pretrainer: str) -> str:
-    """The ``pgl_pretrain`` command line that writes ``pretrainer``'s checkpoint for these plans."""
-    return f"pgl_pretrain -d {dataset} -c {configuration} -p {plans}{_METHOD_FLAG.get(pretrainer, '')}"
-
-
-def pretraining_checkpoint(dataset_name: str, plans_name: str, configuration: str, pretrainer: str,
-                           fold: Union[int, str]) -> str:
-    """``checkpoint_final.pth`` of ``pgl_pretrain``'s output folder: fold K = ``--exclude-fold K``, ``'all'`` = none."""
-    return join(get_output_folder(dataset_name, pretrainer, plans_name, configuration, fold), "checkpoint_final.pth")
-
-
-def default_checkpoint_path(plans: dict, configuration: str, pretrainer: str,
-                            fold: Union[int, str] = "all") -> Optional[str]:
-    """Where ``pgl_pretrain`` writes the final checkpoint for these plans (None without ``nnUNet_results``)."""
-    if not nnUNet_results:
-        return None
-    return pretraining_checkpoint(plans["dataset_name"], plans["plans_name"], configuration, pretrainer, fold)
-
-
-def transfer_record_path(dataset_name: str, plans_name: str, configuration: str) -> str:
-    """``$nnUNet_results/<Dataset>/pgl_transfer__<plans>__<configuration>.json`` (see :mod:`.transfer`)."""
-    return join(nnUNet_results, dataset_name,
-                convert_trainer_plans_config_to_identifier(TRANSFER_RECORD, plans_name, configuration) + ".json")
-
-
-def read_transfer_record(path: str) -> Dict[str, Any]:
-    """The record ``pgl_transfer`` wrote, or :class:`PGLCheckpointError` saying what to do."""
-    try:
-        with open(path) as f:
-            rec = json.load(f)
-    except (OSError, ValueError) as e:
-        raise PGLCheckpointError(f"cannot read the pgl_transfer record {path}: {type(e).__name__}: {e}. Run "
-                                 "pgl_transfer again (it rewrites the record), or delete the file") from None
-    missing = [k for k in ("source_dataset", "source_plans", "configuration")
-               if not isinstance(rec, dict) or not isinstance(rec.get(k), str)]
-    if missing:
-        raise PGLCheckpointError(f"{path} is not a pgl_transfer record (no {', '.join(missing)}). Run pgl_transfer "
-                                 "again (it rewrites the record), or delete the file")
-    return rec
-
-
-@dataclass
-class CheckpointChoice:
-    """The PGL checkpoint of a fine-tuning run, and why it was chosen.
-
-    Attributes:
-        path: the checkpoint file.
-        source: ``'environment variable'``, ``'fold_K'``, ``'fold_all'`` or ``'transferred'``.
-        why: one line for the training log.
-        fallback: True when fold K uses ``fold_all`` for want of a finished ``fold_K`` (possible leakage).
-    """
-
-    path: str
-    source: str
-    why: str
-    fallback: bool = False
-
-
-def choose_pgl_checkpoint(plans: dict, configuration: str, fold: Union[int, str], pretrainer: str,
-                          trainer_name: str = "nnUNetTrainerPGL") -> CheckpointChoice:
-    """The checkpoint a fine-tuning run of ``fold`` uses: ``$nnUNet_pgl_weights``, else ``fold_K`` of the
-    pretrainer's folder, else its ``fold_all``, else the pretraining a ``pgl_transfer`` record names.
-
-    Raises :class:`PGLCheckpointError` naming what was looked for and the command that makes it.
-    """
-    dataset, plans_name = plans["dataset_name"], plans["plans_name"]
-    env = os.environ.get(WEIGHTS_ENV)
-    if env:
-        if not isfile(env):
-            raise PGLCheckpointError(f"{trainer_name} needs a PGL checkpoint, and {WEIGHTS_ENV}={env} does not "
-                                     "exist. Point it to a checkpoint_final.pth, or unset it to use the pgl_pretrain "
-                                     "outputs")
-        return CheckpointChoice(env, "environment variable",
-                                f"the environment variable {WEIGHTS_ENV} (it overrides the pgl_pretrain outputs)")
-    fix = pretrain_command(dataset, configuration, plans_name, pretrainer)
-    if not nnUNet_results:
-        raise PGLCheckpointError(f"{trainer_name} needs a PGL checkpoint: set nnUNet_results (where {fix} writes "
-                                 f"it) or {WEIGHTS_ENV}")
-    note = ""
-    if fold != "all":
-        p = pretraining_checkpoint(dataset, plans_name, configuration, pretrainer, fold)
-        if isfile(p):
-            return CheckpointChoice(p, f"fold_{fold}", f"fold_{fold}, the pretraining for fold {fold} (pgl_pretrain "
-                                    f"--exclude-fold {fold} or --folds), which left fold {fold}'s validation cases out")
-        if isfile(join(os.path.dirname(p), "checkpoint_latest.pth")):
-            note = (f"the pretraining for fold {fold} is unfinished ({os.path.dirname(p)} has no checkpoint_final.pth;"
-                    f" resume it: {fix} --exclude-fold {fold} --c)")
-        else:
-            note = f"there is no pretraining for fold {fold} ({p} does not exist)"
-    p = pretraining_checkpoint(dataset, plans_name, configuration, pretrainer, "all")
-    if isfile(p):
-        if fold == "all":
-            return CheckpointChoice(p, "fold_all", "fold_all, the pretraining without --exclude-fold, for the run on "
-                                    "fold 'all'")
-        return CheckpointChoice(p, "fold_all", f"fold_all, because {note}", fallback=True)
-    record = transfer_record_path(dataset, plans_name, configuration)
-    if isfile(record):
-        rec = read_transfer_record(record)
-        src = pretraining_checkpoint(rec["source_dataset"], rec["source_plans"], configuration, pretrainer, "all")
-        if not isfile(src):
-            raise PGLCheckpointError(
-                f"{trainer_name} needs a PGL checkpoint: {record} (written by pgl_transfer) says these plans come from "
-                f"{rec['source_dataset']} (plans {rec['source_plans']}), but its pretraining {src} does not exist. "
-                f"Run: {pretrain_command(rec['source_dataset'], configuration, rec['source_plans'], pretrainer)} (or "
-                f"set {WEIGHTS_ENV})")
-        return CheckpointChoice(src, "transferred", f"transferred: {record} (written by pgl_transfer) names the "
-                                f"pretraining of {rec['source_dataset']} with plans {rec['source_plans']}")
-    per_fold = (f", or {fix} --folds 0 1 2 3 4 for one pretraining per fold (leakage-free cross-validation)"
-                if fold != "all" else "")
-    raise PGLCheckpointError(
-        f"{trainer_name} needs a PGL checkpoint, and the pgl_pretrain output {p} does not exist"
-        f"{' (' + note + ')' if note else ''}. Run: {fix}{per_fold} (or set {WEIGHTS_ENV} to a checkpoint_final.pth, "
-        f"or use another dataset's pretraining: pgl_transfer -s SOURCE -t {dataset})")
-
-
-def read_pgl_checkpoint(path: str) -> Dict[str, Any]:
-    """Load a checkpoint (CPU, tensors and builtins only) or raise :class:`PGLCheckpointError` saying why."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, pickled objects, ...
-        raise PGLCheckpointError(
-            f"cannot read the PGL checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. It is "
-            "truncated or not a checkpoint written by pgl_pretrain. Re-run pgl_pretrain (add --c to resume), or set "
-            f"{WEIGHTS_ENV} to a complete checkpoint_final.pth") from None
-
-
-def check_pgl_meta(ckpt: Dict[str, Any], path: str, plans: dict, configuration: str, dataset_json: dict) -> List[str]:
-    """Raise :class:`PGLCheckpointError` naming the first architecture field where ``pgl_meta`` differs from these
-    plans; return the warnings about target spacing and CT normalisation (:func:`preprocessing_mismatches`)."""
-    fix = f"pgl_pretrain -d {plans['dataset_name']} -c {configuration} -p {plans['plans_name']}"
-    meta = ckpt.get("pgl_meta") if isinstance(ckpt, dict) else None
-    if meta is None:
-        who = ckpt.get("trainer_name", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise PGLCheckpointError(
-            f"{path} is not a PGL checkpoint (no 'pgl_meta'; written by trainer {who}). To start from an nnU-Net "
-            f"checkpoint use nnUNetv2_train ... -pretrained_weights with the stock nnUNetTrainer; to pretrain with "
-            f"PGL run: {fix}")
-    pm = PlansManager({k: v for k, v in plans.items() if k != "continue_training"})
-    cm = pm.get_configuration(configuration)
-    here = plans_meta(pm, configuration, determine_num_input_channels(pm, cm, dataset_json))
-    for field_name in CHECKED_FIELDS:
-        if meta.get(field_name) != here[field_name]:
-            raise PGLCheckpointError(
-                f"the PGL checkpoint {path} does not fit these plans: '{field_name}' is {meta.get(field_name)!r} in "
-                f"the checkpoint (pretrained with plans '{meta.get('plans_identifier')}', configuration "
-                f"'{meta.get('configuration')}') but {here[field_name]!r} here (plans '{plans['plans_name']}', "
-                f"configuration '{configuration}'). Pretrain for these plans: {fix} (or point {WEIGHTS_ENV} to a "
-                "matching checkpoint)")
-    return preprocessing_mismatches(meta, here)
-
-
-def _close(a: Any, b: Any) -> bool:
-    try:
-        return len(a) == len(b) and all(math.isclose(float(x), float(y), rel_tol=1e-6, abs_tol=1e-9)
-                                        for x, y in zip(a, b))
-    except TypeError:
-        return False
-
-
-def _g(values: Any) -> str:
-    return "[" + ", ".join(f"{float(v):.6g}" for v in values) + "]"
-
-
-def _ct(stats: Optional[Dict[str, float]]) -> str:
-    if stats is None:
-        return "no CT normalisation"
-    return (f"clip [{stats['percentile_00_5']:.6g}, {stats['percentile_99_5']:.6g}], mean {stats['mean']:.6g}, "
-            f"std {stats['std']:.6g}")
-
-
-def preprocessing_mismatches(meta: Dict[str, Any], here: Dict[str, Any]) -> List[str]:
-    """Where the checkpoint was preprocessed otherwise than these plans preprocess, with both values: the target
-    spacing, and per CT-normalised channel the clip bounds, mean and std. The weights still fit (a warning, not a
-    refusal); fields an older ``pgl_meta`` lacks are not compared."""
-    src = f"plans '{meta.get('plans_identifier')}' of {meta.get('dataset_name')}"
-    dst = f"plans '{here['plans_identifier']}' of {here['dataset_name']}"
-    out: List[str] = []
-    if meta.get("spacing") is not None and not _close(meta["spacing"], here["spacing"]):
-        out.append(f"target spacing {_g(meta['spacing'])} in the PGL checkpoint ({src}) but {_g(here['spacing'])} "
-                   f"here ({dst}): the network sees other voxel sizes than it was pretrained on")
-    theirs, ours = meta.get("ct_normalization"), here.get("ct_normalization") or {}
-    if theirs is not None:
-        for ch in sorted(set(theirs) | set(ours), key=lambda c: int(c)):
-            a, b = theirs.get(ch), ours.get(ch)
-            if a is None or b is None or not _close([a[k] for k in CT_STATS], [b[k] for k in CT_STATS]):
-                out.append(f"CT normalisation of channel {ch}: {_ct(a)} in the PGL checkpoint ({src}) but {_ct(b)} "
-                           f"here ({dst}): the same intensities reach the network as other values than in pretraining")
-    return out
-
-
 class nnUNetTrainerPGL(nnUNetTrainerScratch):
     """nnU-Net's default training with a warm-up, initialised from the PGL checkpoint of these plans."""
 
-    pretrainer_name = "nnUNetPretrainerPGL"
+    #: the pretraining method whose checkpoint this trainer starts from (:data:`METHODS`)
+    pgl_method = "pgl"
     encoder_only = False
+
+    @classmethod
+    def pretrainer(cls) -> str:
+        """The pretrainer class (and output folder) of :attr:`pgl_method`."""
+        return METHODS[cls.pgl_method].pretrainer
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -357,7 +155,7 @@ class nnUNetTrainerPGL(nnUNetTrainerScratch):
 
     def _choose_and_check(self, plans: dict, configuration: str, fold, dataset_json: dict) -> CheckpointChoice:
         """Choose the checkpoint (:func:`choose_pgl_checkpoint`) and check its pgl_meta against these plans."""
-        choice = choose_pgl_checkpoint(plans, configuration, fold, self.pretrainer_name, self.__class__.__name__)
+        choice = choose_pgl_checkpoint(plans, configuration, fold, self.pretrainer(), self.__class__.__name__)
         check_pgl_meta(read_pgl_checkpoint(choice.path), choice.path, plans, configuration, dataset_json)
         return choice
 
@@ -369,8 +167,8 @@ class nnUNetTrainerPGL(nnUNetTrainerScratch):
             return False
         own = get_output_folder(plans["dataset_name"], self.__class__.__name__, plans["plans_name"], configuration,
                                 fold)
-        names = (("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
-                 if plans.get("continue_training", False) else ("checkpoint_final.pth",))
+        names = ((FINAL_CHECKPOINT, "checkpoint_latest.pth", "checkpoint_best.pth")
+                 if plans.get("continue_training", False) else (FINAL_CHECKPOINT,))
         return any(isfile(join(own, n)) for n in names)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
@@ -403,7 +201,7 @@ class nnUNetTrainerPGL(nnUNetTrainerScratch):
         the command for leakage-free cross-validation."""
         k = self.fold
         pm = self.plans_manager
-        fix = (f"{pretrain_command(pm.dataset_name, self.configuration_name, pm.plans_name, self.pretrainer_name)} "
+        fix = (f"{pretrain_command(pm.dataset_name, self.configuration_name, pm.plans_name, self.pretrainer())} "
                "--folds 0 1 2 3 4")
         detail = f"it may have seen fold {k}'s validation images"
         splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json") \
@@ -457,7 +255,13 @@ class nnUNetTrainerPGL_encoderOnly(nnUNetTrainerPGL):
 class nnUNetTrainerPGLBYOL(nnUNetTrainerPGL):
     """Initialised from the global-consistency baseline (``pgl_pretrain --method byol``). Twin: Scratch."""
 
-    pretrainer_name = "nnUNetPretrainerBYOL"
+    pgl_method = "byol"
+
+
+class nnUNetTrainerPGLplusBYOL(nnUNetTrainerPGL):
+    """Initialised from PGL with the global BYOL term (``pgl_pretrain --method pgl+byol``). Twin: Scratch."""
+
+    pgl_method = "pgl+byol"
 
 
 # ------------------------------------------------------------------------------ schedule variants (and twins)
@@ -531,3 +335,8 @@ class nnUNetTrainerScratch_demo(nnUNetTrainerScratch):
     """Twin of ``nnUNetTrainerPGL_demo``."""
 
     num_epochs_override, iterations_override, val_iterations_override = 7, 20, 2
+
+
+#: every trainer class defined here (the shim nnU-Net searches imports these)
+__all__ = [name for name, obj in list(globals().items())
+           if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and obj.__module__ == __name__]

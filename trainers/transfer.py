@@ -111,9 +111,9 @@ def transfer(source: str, target: str, plans: str = "nnUNetPlans", configuration
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     import nnunet_pgl
-    from nnunet_pgl.pretraining.config import PRETRAINER_BY_METHOD
-    from nnunet_pgl.trainers.pgl import (PGLCheckpointError, check_pgl_meta, pretrain_command,
-                                         pretraining_checkpoint, read_pgl_checkpoint, transfer_record_path)
+    from nnunet_pgl.pretraining.contract import (PRETRAINER_BY_METHOD, PGLCheckpointError, check_pgl_meta,
+                                                 pretrain_command, pretraining_checkpoint, read_pgl_checkpoint,
+                                                 transfer_record_path)
 
     for var, val in (("nnUNet_raw", nnUNet_raw), ("nnUNet_preprocessed", nnUNet_preprocessed),
                      ("nnUNet_results", nnUNet_results)):
