@@ -62,7 +62,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["nnunet_pgl", "nnunet_pgl.pretraining", "nnunet_pgl.trainers", "nnunet_pgl.evaluation"],
+    packages=["nnunet_pgl", "nnunet_pgl.pretraining", "nnunet_pgl.pretraining.ingest", "nnunet_pgl.trainers",
+              "nnunet_pgl.evaluation", "nnunet_pgl.demo"],
     py_modules=["nnunet_pgl_ext"],
     cmdclass=cmdclass,
     package_dir={
@@ -70,6 +71,7 @@ setup(
         "nnunet_pgl.pretraining": "pretraining",
         "nnunet_pgl.trainers": "trainers",
         "nnunet_pgl.evaluation": "evaluation",
+        "nnunet_pgl.demo": "demo",
     },
     package_data={"nnunet_pgl.trainers": ["ext/*.py"]},
     install_requires=[
@@ -92,8 +94,8 @@ setup(
             "pgl_selfcheck=nnunet_pgl.selfcheck:main",
             "pgl_pretrain=nnunet_pgl.pretraining.cli:main",
             "pgl_env=nnunet_pgl.trainers.discovery:main",
-            "pgl_compare=nnunet_pgl.pretraining.compare:main",
-            "pgl_demo=nnunet_pgl.pretraining.demo:main",
+            "pgl_compare=nnunet_pgl.evaluation.compare:main",
+            "pgl_demo=nnunet_pgl.demo.cli:main",
             "pgl_transfer=nnunet_pgl.trainers.transfer:main",
             "pgl_probe=nnunet_pgl.evaluation.probe_cli:main",
         ],

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 DATASET_ID = 994
 DATASET = "Dataset994_PGLScale"
@@ -49,7 +49,7 @@ def _env(root: str) -> Dict[str, str]:
 def _setup(work: str, max_count: int) -> str:
     """Plan the labeled dataset (once) and write ``max_count`` unlabeled volumes; returns their folder."""
     import numpy as np
-    from nnunet_pgl.pretraining.synthetic import _write, make_case, make_dataset
+    from nnunet_pgl.demo.synthetic import make_case, make_dataset, write_image
     base = os.path.join(work, "base")
     if not os.path.isfile(os.path.join(base, "pre", DATASET, "nnUNetPlans.json")):
         env = _env(base)
@@ -62,7 +62,7 @@ def _setup(work: str, max_count: int) -> str:
     for i in range(max_count):
         p = os.path.join(unl, f"unl_{i:05d}.nii.gz")
         if not os.path.isfile(p):  # one seed per volume: distinct contents, whichever volumes exist already
-            _write(make_case(UNL_SHAPE, (2.5, 1.0, 1.0), np.random.default_rng(i))[0], (2.5, 1.0, 1.0), p)
+            write_image(make_case(UNL_SHAPE, (2.5, 1.0, 1.0), np.random.default_rng(i))[0], (2.5, 1.0, 1.0), p)
     return unl
 
 
@@ -124,9 +124,10 @@ def _reopen_cost(work: str) -> List[Dict[str, Any]]:
     return out
 
 
-def _count_calls(module: Any, names: List[str]) -> Dict[str, int]:
-    counts = {n: 0 for n in names}
-    for n in names:
+def _count_calls(targets: List[Tuple[Any, str]]) -> Dict[str, int]:
+    """Count the calls of each ``module.name`` (wrapped in place; the caller restores them)."""
+    counts = {n: 0 for _, n in targets}
+    for module, n in targets:
         real = getattr(module, n)
 
         def wrapped(*a, _real=real, _n=n, **k):
@@ -232,9 +233,10 @@ def main() -> None:
                 ingest.ingest_unlabeled([unl], pm, cm, dj, base, num_processes=2, verbose=False)
                 r["ingest_first_s"] = time.perf_counter() - t
                 open(done, "w").close()
-            names = ["_probe", "_hash_and_check", "_preprocess_case"]
-            real = {k: getattr(ingest, k) for k in names}
-            counts = _count_calls(ingest, names)
+            targets = [(ingest.discovery, "probe"), (ingest.integrity, "hash_and_check"),
+                       (ingest.preprocessing, "preprocess_case")]
+            real = {(m, k): getattr(m, k) for m, k in targets}
+            counts = _count_calls(targets)
             cached = []
             try:
                 for _ in range(args.repeat):
@@ -242,8 +244,8 @@ def main() -> None:
                     ingest.ingest_unlabeled([unl], pm, cm, dj, base, num_processes=2, verbose=False)
                     cached.append(time.perf_counter() - t)
             finally:
-                for k, f in real.items():
-                    setattr(ingest, k, f)
+                for (m, k), f in real.items():
+                    setattr(m, k, f)
         r["ingest_cached_s"] = cached
         r["cached_calls"] = counts
         startups = []

@@ -6,7 +6,7 @@
 
 Steps (each skipped when its output exists, so a killed run resumes with the same command):
 
-1. synthetic CT phantoms (:mod:`nnunet_pgl.pretraining.synthetic`): ``--cases`` labeled cases and ``--unlabeled``
+1. synthetic CT phantoms (:mod:`nnunet_pgl.demo.synthetic`): ``--cases`` labeled cases and ``--unlabeled``
    unlabeled volumes of ``--shape`` voxels, planned by stock nnU-Net; then plans ``nnUNetPlans_evidence`` with the
    CPU-sized ``--patch`` (the topology nnU-Net's planner derives for it; the preprocessed data is shared), so that
    cases are larger than the patch and the pretraining views are real crops;
@@ -113,7 +113,7 @@ def plans_for_patch(base: str, patch: Sequence[int]) -> None:
 
 def fg_dice_per_case(summary: str) -> Dict[str, float]:
     """Per case: the mean Dice over the foreground labels that are not NaN (NaN if all are)."""
-    from nnunet_pgl.pretraining.compare import read_summary
+    from nnunet_pgl.evaluation.results import read_summary
     out = {}
     for case, labels in read_summary(summary).items():
         vals = [m["Dice"] for k, m in labels.items() if k != "0" and not math.isnan(m["Dice"])]
@@ -184,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     base = os.path.join(env["nnUNet_preprocessed"], DATASET)
     if not os.path.isfile(os.path.join(base, PLANS + ".json")):
         print("[1] synthetic dataset, plan and preprocess", flush=True)
-        from nnunet_pgl.pretraining.synthetic import make_dataset
+        from nnunet_pgl.demo.synthetic import make_dataset
         make_dataset(env["nnUNet_raw"], dataset_id=DATASET_ID, name=DATASET_NAME, num_train=args.cases,
                      num_unlabeled=args.unlabeled, unlabeled_dir=os.path.join(work, "unlabeled"),
                      shape=tuple(args.shape), spacing=tuple(args.spacing), seed=args.seed)
@@ -225,7 +225,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     save()
 
     # 4. fine-tuning per seed and arm; the per-case foreground Dice paired with scratch by (seed, case)
-    from nnunet_pgl.pretraining.compare import paired_stats
+    from dataclasses import asdict
+
+    from nnunet_pgl.evaluation.stats import paired_stats
     pgl_tr, scratch_tr = args.finetune_trainers
     per_case: Dict[str, Dict[str, float]] = {}
     for seed in args.seeds:
@@ -248,8 +250,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     keys = sorted(per_case["scratch"])
     result["finetune"] = {
         "per_case": per_case,
-        "paired": {arm: paired_stats([per_case[arm].get(k, math.nan) for k in keys],
-                                     [per_case["scratch"][k] for k in keys], n_boot=10000, seed=0)
+        "paired": {arm: asdict(paired_stats([per_case[arm].get(k, math.nan) for k in keys],
+                                            [per_case["scratch"][k] for k in keys], n_boot=10000, seed=0))
                    for arm in args.methods}}
     save()
     md = render(result)

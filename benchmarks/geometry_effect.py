@@ -3,7 +3,7 @@
     python benchmarks/geometry_effect.py [--steps N] [--arch plain|resenc] [--seed S] [--json PATH]
 
 Two runs that differ only in the geometry the alignment uses: the same network initialisation, heads, phantoms
-(``pretraining/synthetic.py``, z-scored), view pairs, intensity augmentation and optimiser (SGD, Nesterov 0.99,
+(``demo/synthetic.py``, z-scored), view pairs, intensity augmentation and optimiser (SGD, Nesterov 0.99,
 lr 1e-2, τ from 0.996 on ``tau_schedule``), at the plans' architecture of ``tests/data`` with fewer
 channels. It prints the per-level loss over training (means of windows of steps), then evaluates both trained
 branches, and the untrained one, on held-out view pairs with the *network's* geometry (where the features truly
@@ -26,7 +26,7 @@ import torch
 
 from nnunet_pgl import (IntensityAugmentation, PGLBranch, ViewPrior, avg_pool_geometry, default_levels, ema_update_,
                         level_geometry, level_strides, make_target, make_view_pair, pgl_loss, tau_schedule)
-from nnunet_pgl.pretraining.synthetic import make_case
+from nnunet_pgl.demo.synthetic import make_case
 from nnunet_pgl.views import sample_view
 
 PLANS = Path(__file__).resolve().parent.parent / "tests" / "data"

@@ -43,7 +43,7 @@ def prepare(args: argparse.Namespace) -> List[str]:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from pretrain_speed import _make_synthetic, _plans_for_patch  # the suite's own dataset and plans
 
-    from nnunet_pgl.pretraining.synthetic import make_dataset
+    from nnunet_pgl.demo.synthetic import make_dataset
 
     root = os.path.abspath(args.root)
     shape = [int(math.ceil(1.4 * p)) for p in args.patch]

@@ -62,7 +62,7 @@ def _profile(fn: Callable[[], Any], title: str, top: int, device) -> None:
 
 def _make_synthetic(root: str, shape=(24, 48, 48), spacing=(2.5, 1.0, 1.0), num_cases: int = 5) -> str:
     """A synthetic CT dataset planned and preprocessed by stock nnU-Net in ``root``; its id."""
-    from nnunet_pgl.pretraining.synthetic import make_dataset
+    from nnunet_pgl.demo.synthetic import make_dataset
     os.environ.update(nnUNet_raw=os.path.join(root, "raw"), nnUNet_preprocessed=os.path.join(root, "pre"),
                       nnUNet_results=os.path.join(root, "res"))
     make_dataset(os.environ["nnUNet_raw"], dataset_id=993, name="PGLBench", num_train=num_cases, shape=shape,
@@ -362,7 +362,7 @@ def main() -> None:
         _profile(pgl_step, "pgl_pretrain step", args.profile, device)
 
     # the real data path: loader workers read region pairs from blosc2, views are made on the device
-    files = [c["data_file"] for c in pgl._case_lists()]
+    files = [c.data_file for c in pgl._case_lists()]
     data_path = _data_path(files, patch, bs, cfg.scale_range, cfg.min_overlap, device)
     pairs_per_s = data_path["pairs_per_s"]
     med_sup, med_pgl = statistics.median(t_sup), statistics.median(t_pgl)

@@ -42,7 +42,7 @@ def _tiny(root: str) -> str:
     os.environ.update(nnUNet_raw=os.path.join(root, "raw"), nnUNet_preprocessed=os.path.join(root, "pre"),
                       nnUNet_results=os.path.join(root, "res"))
     if not os.path.isfile(os.path.join(root, "pre", "Dataset991_PGLE2E", "nnUNetPlans.json")):
-        from nnunet_pgl.pretraining.synthetic import make_dataset
+        from nnunet_pgl.demo.synthetic import make_dataset
         make_dataset(os.environ["nnUNet_raw"], dataset_id=991, name="PGLE2E", num_train=6, shape=(24, 48, 48), seed=3)
         env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
         subprocess.run([os.path.join(os.path.dirname(sys.executable), "nnUNetv2_plan_and_preprocess"), "-d", "991",

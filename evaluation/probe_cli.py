@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 RANDOM = "random"
 
@@ -128,6 +128,8 @@ def plot_results(results: Dict[str, Dict[str, Any]], path: str, title: str) -> N
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from nnunet_pgl.pretraining.atomic import save_figure
+
     levels = sorted({lv for r in results.values() for lv in r["levels"]}, key=int)
     groups = [f"level {lv}" for lv in levels] + ["all levels"]
     n = len(results)
@@ -142,49 +144,53 @@ def plot_results(results: Dict[str, Dict[str, Any]], path: str, title: str) -> N
     ax.set_ylabel("probe: mean foreground F1"), ax.set_ylim(0, 1), ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
+
+
+def open_dataset(dataset: str, plans: str, configuration: str) -> Tuple[str, str, Any, Any, str, Dict[str, Any]]:
+    """``(name, base, plans_manager, configuration_manager, data_folder, dataset_json)`` of a planned and
+    preprocessed dataset, or exit with what to run."""
+    from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if not nnUNet_preprocessed:
+        _fail("$nnUNet_preprocessed is not set. Set nnUNet_raw, nnUNet_preprocessed and nnUNet_results as for nnU-Net")
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError:
+        _fail(f"dataset {dataset} is not in $nnUNet_preprocessed ({nnUNet_preprocessed}). Plan and preprocess it "
+              f"first: nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration}")
+    base = join(nnUNet_preprocessed, name)
+    plans_file = join(base, plans + ".json")
+    if not isfile(plans_file):
+        _fail(f"no plans '{plans}' for {name} ({plans_file} does not exist); give -p with the plans of the "
+              "checkpoints")
+    pm = PlansManager(plans_file)
+    if configuration not in pm.available_configurations:
+        _fail(f"configuration '{configuration}' is not in plans {plans} (available: "
+              f"{sorted(pm.available_configurations)})")
+    cm = pm.get_configuration(configuration)
+    data_folder = join(base, cm.data_identifier)
+    if not isdir(data_folder):
+        _fail(f"{data_folder} does not exist. Preprocess: nnUNetv2_preprocess -d {dataset} -c "
+              f"{configuration} -plans_name {plans}")
+    return name, base, pm, cm, data_folder, load_json(join(base, "dataset.json"))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
-    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_pgl.evaluation.probe import (DEFAULT_CASES, DEFAULT_SAMPLES_PER_CLASS, ProbeUnavailable,
-                                             build_probe_set, format_scores, probe_network)
+                                             build_probe_set)
     from nnunet_pgl.features import check_levels, default_levels, level_strides
-    from nnunet_pgl.geometry import level_geometry
 
-    if not nnUNet_preprocessed:
-        _fail("$nnUNet_preprocessed is not set. Set nnUNet_raw, nnUNet_preprocessed and nnUNet_results as for nnU-Net")
-    try:
-        name = maybe_convert_to_dataset_name(args.dataset)
-    except RuntimeError:
-        _fail(f"dataset {args.dataset} is not in $nnUNet_preprocessed ({nnUNet_preprocessed}). Plan and preprocess it "
-              f"first: nnUNetv2_plan_and_preprocess -d {args.dataset} -c {args.configuration}")
-    base = join(nnUNet_preprocessed, name)
-    plans_file = join(base, args.plans + ".json")
-    if not isfile(plans_file):
-        _fail(f"no plans '{args.plans}' for {name} ({plans_file} does not exist); give -p with the plans of the "
-              "checkpoints")
-    pm = PlansManager(plans_file)
-    if args.configuration not in pm.available_configurations:
-        _fail(f"configuration '{args.configuration}' is not in plans {args.plans} (available: "
-              f"{sorted(pm.available_configurations)})")
-    cm = pm.get_configuration(args.configuration)
-    data_folder = join(base, cm.data_identifier)
-    if not isdir(data_folder):
-        _fail(f"{data_folder} does not exist. Preprocess: nnUNetv2_preprocess -d {args.dataset} -c "
-              f"{args.configuration} -plans_name {args.plans}")
-    dataset_json = load_json(join(base, "dataset.json"))
+    name, base, pm, cm, data_folder, dataset_json = open_dataset(args.dataset, args.plans, args.configuration)
     lm = pm.get_label_manager(dataset_json)
     n_in = determine_num_input_channels(pm, cm, dataset_json)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -201,7 +207,6 @@ def main(argv: Optional[List[str]] = None) -> None:
             level_strides(net))
     except ValueError as e:
         _fail(f"--levels: {e}")
-    geometry = level_geometry(net)
     try:
         probe_set = build_probe_set(base, data_folder, cm.patch_size, lm, args.probe_cases or DEFAULT_CASES,
                                     args.exclude_fold, args.probe_samples or DEFAULT_SAMPLES_PER_CLASS)
@@ -210,7 +215,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     ids = probe_set.case_ids
     print(f"pgl_probe {name} {args.configuration} {args.plans}: levels {levels}; fitted on {', '.join(ids['fit'])}; "
           f"scored on {', '.join(ids['score'])}; score = mean foreground F1 of the probe", flush=True)
+    results = probe_checkpoints(args, net, build, levels, probe_set, device)
+    write_outputs(results, args.json, args.png, f"{name} {args.configuration}: probe fitted on {len(ids['fit'])} "
+                  f"cases, scored on {len(ids['score'])}")
 
+
+def probe_checkpoints(args: argparse.Namespace, net: Any, build: Callable[[int], Any], levels: List[int],
+                      probe_set: Any, device: Any) -> Dict[str, Dict[str, Any]]:
+    """Each checkpoint of the command line (once) loaded into ``net`` (``random``: a fresh ``build(seed)``) and
+    probed on the same cases and voxels; prints one line per checkpoint."""
+    from nnunet_pgl.evaluation.probe import format_scores, probe_network
+    from nnunet_pgl.geometry import level_geometry
+
+    geometry = level_geometry(net)
     results: Dict[str, Dict[str, Any]] = {}
     for ck in dict.fromkeys(args.checkpoints):
         if ck == RANDOM:
@@ -223,18 +240,22 @@ def main(argv: Optional[List[str]] = None) -> None:
         res = probe_network(net, levels, probe_set, device, geometry)
         results[ck] = res
         print(f"  {ck}: {format_scores(res)} [{res['time_s']:.1f} s]", flush=True)
+    return results
+
+
+def write_outputs(results: Dict[str, Dict[str, Any]], json_path: Optional[str], png: Optional[str],
+                  title: str) -> None:
+    """Print the table; write the JSON and the figure (``png`` defaults to the JSON's path with ``.png``)."""
     print()
     print(results_table(results))
-    png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
-    if args.json:
-        with open(args.json, "w") as f:
+    png = png or (os.path.splitext(json_path)[0] + ".png" if json_path else None)
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(results, f, indent=2, allow_nan=False)
-        print(f"\nJSON: {args.json}")
+        print(f"\nJSON: {json_path}")
     if png:
-        plot_results(results, png, f"{name} {args.configuration}: probe fitted on {len(ids['fit'])} cases, scored on "
-                                   f"{len(ids['score'])}")
+        plot_results(results, png, title)
         print(f"Figure: {png}")
-
 
 if __name__ == "__main__":
     main()

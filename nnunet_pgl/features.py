@@ -32,13 +32,15 @@ def unwrap_network(network: nn.Module) -> nn.Module:
             return network
 
 
-def _parts(network: nn.Module) -> Tuple[Any, Any]:
+def unet_parts(network: nn.Module) -> Tuple[Any, Any]:
     """The U-Net's ``(encoder, decoder)``, typed loosely: only their module structure is relied on."""
     return getattr(network, "encoder", None), getattr(network, "decoder", None)
 
 
-def _check_unet(network: nn.Module) -> None:
-    enc, dec = _parts(network)
+def check_unet(network: nn.Module) -> None:
+    """Raise ValueError unless ``network`` is a dynamic-network-architectures U-Net (encoder with strides and
+    channels, decoder with stages and transposed convolutions)."""
+    enc, dec = unet_parts(network)
     ok = (enc is not None and dec is not None and hasattr(enc, "strides") and hasattr(enc, "output_channels")
           and all(hasattr(dec, a) for a in ("stages", "transpconvs")))
     if not ok:
@@ -54,10 +56,10 @@ def _check_unet(network: nn.Module) -> None:
 def level_strides(network: nn.Module) -> List[Stride]:
     """Total stride ``(s_z, s_y, s_x)`` of each level 0 … n − 1 (the product of the encoder strides up to it)."""
     net = unwrap_network(network)
-    _check_unet(net)
+    check_unet(net)
     out: List[Stride] = []
     acc = [1, 1, 1]
-    for s in _parts(net)[0].strides:
+    for s in unet_parts(net)[0].strides:
         acc = [a * int(b) for a, b in zip(acc, s)]
         out.append((acc[0], acc[1], acc[2]))
     return out
@@ -66,8 +68,8 @@ def level_strides(network: nn.Module) -> List[Stride]:
 def level_channels(network: nn.Module) -> List[int]:
     """Number of feature channels at each level 0 … n − 1."""
     net = unwrap_network(network)
-    _check_unet(net)
-    return [int(c) for c in _parts(net)[0].output_channels]
+    check_unet(net)
+    return [int(c) for c in unet_parts(net)[0].output_channels]
 
 
 def default_levels(strides: Sequence[Sequence[int]]) -> List[int]:
@@ -104,8 +106,8 @@ def extract_features(network: nn.Module, x: torch.Tensor, levels: Sequence[int])
         One tensor ``(B, C_L, *patch / stride_L)`` per requested level, in the sorted order of ``levels``.
     """
     net = unwrap_network(network)
-    _check_unet(net)
-    enc, dec = _parts(net)
+    check_unet(net)
+    enc, dec = unet_parts(net)
     n = len(enc.strides)
     lv = check_levels(levels, n)
     skips = enc(x)
@@ -138,7 +140,7 @@ class UNetFeatures(nn.Module):
 
     def unused_modules(self) -> List[nn.Module]:
         """Decoder stages/transposed convs above the finest level, and all segmentation layers."""
-        dec = _parts(self.network)[1]
+        dec = unet_parts(self.network)[1]
         n = len(self.strides)
         first_unused = n - 1 - self.levels[0]
         mods: List[nn.Module] = list(dec.transpconvs[first_unused:]) + list(dec.stages[first_unused:])

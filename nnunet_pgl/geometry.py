@@ -50,7 +50,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .features import _check_unet, _parts, extract_features, level_strides, unwrap_network
+from .features import check_unet, unet_parts, extract_features, level_strides, unwrap_network
 
 Triple = Tuple[float, float, float]
 
@@ -371,11 +371,11 @@ def level_geometry(network: nn.Module, *, encoder: bool = False) -> List[LevelGe
             to :class:`~nnunet_pgl.model.PGLBranch` / :func:`~nnunet_pgl.alignment.align_features`).
     """
     net = unwrap_network(network)
-    _check_unet(net)
+    check_unet(net)
     strides = level_strides(net)
     n = len(strides)
     if encoder:
-        lin_enc, axis = linearised_copy(_parts(net)[0])
+        lin_enc, axis = linearised_copy(unet_parts(net)[0])
         return calibrate(lin_enc, axis, strides, [True] * n)
     lin, axis = linearised_copy(net)
     return calibrate(lambda x: extract_features(lin, x, list(range(n))), axis, strides,

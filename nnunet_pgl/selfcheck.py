@@ -115,8 +115,7 @@ def small_unet(kind: str, strides: Sequence[Sequence[int]], kernels: Sequence[Se
     """A dynamic-network-architectures U-Net (``'plain'`` or ``'resenc'``) with ``channels``, ``channels + 1``, …
     features per stage (changing at every stage, as in nnU-Net's plans, so that every strided residual block has
     its projection), no normalisation and no nonlinearity, linearised by :func:`linearise_`."""
-    from dynamic_network_architectures.architectures.unet import (  # type: ignore[import-untyped]
-        PlainConvUNet, ResidualEncoderUNet)
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
     n = len(strides)
     common: Dict[str, Any] = dict(conv_bias=False, norm_op=None, nonlin=None, deep_supervision=False)

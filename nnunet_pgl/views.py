@@ -189,6 +189,83 @@ def _uniform(shape: Tuple[int, ...], lo: torch.Tensor | float, hi: torch.Tensor 
     return lo + r * (hi - lo)
 
 
+def _check_draw_args(scale_range: Tuple[float, float], min_overlap: float, flip_prob: float) -> Tuple[float, float]:
+    """``(lo, hi)`` of ``scale_range`` after checking :func:`make_view_pair`'s draw arguments (ValueError)."""
+    lo_u, hi_u = float(scale_range[0]), float(scale_range[1])
+    if not (0 < lo_u <= hi_u):
+        raise ValueError(f"scale_range must satisfy 0 < lo <= hi; got {scale_range}")
+    if not (0.0 <= min_overlap <= 1.0):
+        raise ValueError(f"min_overlap is a fraction in [0, 1]; got {min_overlap}")
+    worst = (lo_u / hi_u) ** 3
+    if min_overlap > worst + 1e-12:
+        raise ValueError(f"impossible overlap: with scale_range={scale_range} two crops can be forced to share only "
+                         f"(lo/hi)^3 = {worst:.3f} of the larger crop, below min_overlap={min_overlap}. Lower "
+                         "min_overlap or narrow scale_range")
+    if not (0.0 <= flip_prob <= 1.0):
+        raise ValueError(f"flip_prob is a probability in [0, 1]; got {flip_prob}")
+    return lo_u, hi_u
+
+
+def _pair_offsets(b: int, region: torch.Tensor, region_offset: Optional[torch.Tensor],
+                  region_b: Optional[torch.Tensor], region_offset_b: Optional[torch.Tensor]
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 3)`` int64 offsets of the two views' regions, on the device the offsets were given on (checked)."""
+    dev = region.device
+    odev = region_offset.device if region_offset is not None else dev   # offsets stay where given until checked
+    offset = (torch.zeros(b, 3, dtype=torch.long, device=odev) if region_offset is None
+              else region_offset.to(dtype=torch.long))
+    if tuple(offset.shape) != (b, 3):
+        raise ValueError(f"region_offset must be (B, 3) = ({b}, 3); got {tuple(offset.shape)}")
+    if region_b is None:
+        if region_offset_b is not None:
+            raise ValueError("region_offset_b was given without region_b: pass the second view's region too, or "
+                             "drop region_offset_b to crop both views from region")
+        offset_b = offset
+    else:
+        if tuple(region_b.shape) != tuple(region.shape) or region_b.dtype != region.dtype or region_b.device != dev:
+            raise ValueError(f"region_b must match region in shape, dtype and device; got {tuple(region_b.shape)} "
+                             f"{region_b.dtype} {region_b.device} vs {tuple(region.shape)} {region.dtype} {dev}")
+        offset_b = offset if region_offset_b is None else region_offset_b.to(device=odev, dtype=torch.long)
+        if tuple(offset_b.shape) != (b, 3):
+            raise ValueError(f"region_offset_b must be (B, 3) = ({b}, 3); got {tuple(offset_b.shape)}")
+    return offset, offset_b
+
+
+def _place_second_box(lo_a: torch.Tensor, size_a: torch.Tensor, size_b: torch.Tensor, shift: torch.Tensor,
+                      rsize: torch.Tensor, min_overlap: float, generator: Optional[torch.Generator],
+                      gdev: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Lower corners ``(B, 3)`` of the two boxes in region a's frame: the second box placed against the first (see
+    :func:`make_view_pair`); the first moves only in the far-apart fallback."""
+    b, dev = lo_a.shape[0], lo_a.device
+    # second box, in the frame of region a: its lower edge may range over [b_min, b_max] (inside its region);
+    # uniform among those placements that touch the first box, then rejection against min_overlap
+    b_min, b_max = shift - 0.5, shift + rsize - 0.5 - size_b
+    win_lo = torch.maximum(b_min, lo_a - size_b)
+    win_hi = torch.minimum(b_max, lo_a + size_a)
+    reachable = (win_hi >= win_lo).all(dim=1)
+    lo_b = torch.zeros_like(lo_a)
+    placed = torch.zeros(b, dtype=torch.bool, device=dev)
+    for _ in range(_OVERLAP_ROUNDS):
+        cand = win_lo + torch.rand((b, 3), generator=generator, device=gdev).to(dev) * (win_hi - win_lo)
+        frac = overlap_fraction(lo_a, size_a, cand, size_b)
+        ok = (frac >= min_overlap) & (frac > 0) & reachable & ~placed
+        lo_b = torch.where(ok[:, None], cand, lo_b)
+        placed = placed | ok
+    # fallback 1: the second box as close to centred on the first as its region allows (the first stays)
+    centred = torch.minimum(torch.maximum(lo_a + 0.5 * size_a - 0.5 * size_b, b_min), b_max)
+    frac = overlap_fraction(lo_a, size_a, centred, size_b)
+    near = (frac >= min_overlap) & (frac > 0)
+    # fallback 2 (regions far apart): both boxes with their centres as close as the two regions allow
+    ca_lo, ca_hi = -0.5 + 0.5 * size_a, rsize - 0.5 - 0.5 * size_a
+    cb_lo, cb_hi = b_min + 0.5 * size_b, b_max + 0.5 * size_b
+    c = torch.minimum(torch.maximum(lo_a + 0.5 * size_a, torch.maximum(ca_lo, cb_lo)), torch.minimum(ca_hi, cb_hi))
+    ca = torch.minimum(torch.maximum(c, ca_lo), ca_hi)
+    cb = torch.minimum(torch.maximum(ca, cb_lo), cb_hi)
+    lo_a = torch.where((placed | near)[:, None], lo_a, ca - 0.5 * size_a)
+    lo_b = torch.where(placed[:, None], lo_b, torch.where(near[:, None], centred, cb - 0.5 * size_b))
+    return lo_a, lo_b
+
+
 def make_view_pair(region: torch.Tensor, patch_size: Sequence[int], *,
                    scale_range: Tuple[float, float] = (1.1, 1.4), min_overlap: float = 0.1,
                    flip_prob: float = 0.5, generator: Optional[torch.Generator] = None,
@@ -253,38 +330,12 @@ def make_view_pair(region: torch.Tensor, patch_size: Sequence[int], *,
         raise ValueError(f"region must be (B, C, Z, Y, X); got shape {tuple(region.shape)}. Add the batch and "
                          "channel axes, e.g. region[None, None] for a single (Z, Y, X) volume")
     ps = check_patch_size(patch_size)
-    lo_u, hi_u = float(scale_range[0]), float(scale_range[1])
-    if not (0 < lo_u <= hi_u):
-        raise ValueError(f"scale_range must satisfy 0 < lo <= hi; got {scale_range}")
-    if not (0.0 <= min_overlap <= 1.0):
-        raise ValueError(f"min_overlap is a fraction in [0, 1]; got {min_overlap}")
-    worst = (lo_u / hi_u) ** 3
-    if min_overlap > worst + 1e-12:
-        raise ValueError(f"impossible overlap: with scale_range={scale_range} two crops can be forced to share only "
-                         f"(lo/hi)^3 = {worst:.3f} of the larger crop, below min_overlap={min_overlap}. Lower "
-                         "min_overlap or narrow scale_range")
-    if not (0.0 <= flip_prob <= 1.0):
-        raise ValueError(f"flip_prob is a probability in [0, 1]; got {flip_prob}")
+    lo_u, hi_u = _check_draw_args(scale_range, min_overlap, flip_prob)
 
     b = region.shape[0]
     dev = region.device
     odev = region_offset.device if region_offset is not None else dev   # offsets stay where given until checked
-    offset = (torch.zeros(b, 3, dtype=torch.long, device=odev) if region_offset is None
-              else region_offset.to(dtype=torch.long))
-    if tuple(offset.shape) != (b, 3):
-        raise ValueError(f"region_offset must be (B, 3) = ({b}, 3); got {tuple(offset.shape)}")
-    if region_b is None:
-        if region_offset_b is not None:
-            raise ValueError("region_offset_b was given without region_b: pass the second view's region too, or "
-                             "drop region_offset_b to crop both views from region")
-        offset_b = offset
-    else:
-        if tuple(region_b.shape) != tuple(region.shape) or region_b.dtype != region.dtype or region_b.device != dev:
-            raise ValueError(f"region_b must match region in shape, dtype and device; got {tuple(region_b.shape)} "
-                             f"{region_b.dtype} {region_b.device} vs {tuple(region.shape)} {region.dtype} {dev}")
-        offset_b = offset if region_offset_b is None else region_offset_b.to(device=odev, dtype=torch.long)
-        if tuple(offset_b.shape) != (b, 3):
-            raise ValueError(f"region_offset_b must be (B, 3) = ({b}, 3); got {tuple(offset_b.shape)}")
+    offset, offset_b = _pair_offsets(b, region, region_offset, region_b, region_offset_b)
 
     need = [math.ceil(hi_u * p - 1e-9) for p in ps]
     short = [max(0, n - r) for n, r in zip(need, region.shape[2:])]
@@ -321,32 +372,7 @@ def make_view_pair(region: torch.Tensor, patch_size: Sequence[int], *,
     size_a, size_b = u[:, :1] * p, u[:, 1:] * p                       # (B, 3) crop extents, region voxels
     lo_a = -0.5 + torch.rand((b, 3), generator=generator, device=gdev).to(dev) * (rsize - size_a)
 
-    # second box, in the frame of region a: its lower edge may range over [b_min, b_max] (inside its region);
-    # uniform among those placements that touch the first box, then rejection against min_overlap
-    b_min, b_max = shift - 0.5, shift + rsize - 0.5 - size_b
-    win_lo = torch.maximum(b_min, lo_a - size_b)
-    win_hi = torch.minimum(b_max, lo_a + size_a)
-    reachable = (win_hi >= win_lo).all(dim=1)
-    lo_b = torch.zeros_like(lo_a)
-    placed = torch.zeros(b, dtype=torch.bool, device=dev)
-    for _ in range(_OVERLAP_ROUNDS):
-        cand = win_lo + torch.rand((b, 3), generator=generator, device=gdev).to(dev) * (win_hi - win_lo)
-        frac = overlap_fraction(lo_a, size_a, cand, size_b)
-        ok = (frac >= min_overlap) & (frac > 0) & reachable & ~placed
-        lo_b = torch.where(ok[:, None], cand, lo_b)
-        placed = placed | ok
-    # fallback 1: the second box as close to centred on the first as its region allows (the first stays)
-    centred = torch.minimum(torch.maximum(lo_a + 0.5 * size_a - 0.5 * size_b, b_min), b_max)
-    frac = overlap_fraction(lo_a, size_a, centred, size_b)
-    near = (frac >= min_overlap) & (frac > 0)
-    # fallback 2 (regions far apart): both boxes with their centres as close as the two regions allow
-    ca_lo, ca_hi = -0.5 + 0.5 * size_a, rsize - 0.5 - 0.5 * size_a
-    cb_lo, cb_hi = b_min + 0.5 * size_b, b_max + 0.5 * size_b
-    c = torch.minimum(torch.maximum(lo_a + 0.5 * size_a, torch.maximum(ca_lo, cb_lo)), torch.minimum(ca_hi, cb_hi))
-    ca = torch.minimum(torch.maximum(c, ca_lo), ca_hi)
-    cb = torch.minimum(torch.maximum(ca, cb_lo), cb_hi)
-    lo_a = torch.where((placed | near)[:, None], lo_a, ca - 0.5 * size_a)
-    lo_b = torch.where(placed[:, None], lo_b, torch.where(near[:, None], centred, cb - 0.5 * size_b))
+    lo_a, lo_b = _place_second_box(lo_a, size_a, size_b, shift, rsize, min_overlap, generator, gdev)
 
     flips = torch.rand((b, 2, 3), generator=generator, device=gdev).to(dev) < flip_prob
     prior_a = ViewPrior.from_crop(lo_a, size_a, ps, flips[:, 0], offset)

@@ -13,6 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
+from nnunet_pgl.pretraining.atomic import atomic_write_json
+
 CONFIG_ENV = "nnUNet_pgl_config"
 CONFIG_FILE = "pgl_config.json"
 
@@ -55,7 +57,7 @@ class PretrainConfig:
     unlabeled_cases: List[Dict[str, Any]] = field(default_factory=list)
     # run state, set by the pretrainer (never from the command line): where a resumed run's schedule changed length
     # ({start_step, start_epoch, from_epochs, from_iters_per_epoch, lr, tau, ramp_steps}; see
-    # nnunet_pgl.pretraining.pretrainer.scheduled_lr_tau). Restored from the checkpoint on --c, None on a fresh run.
+    # nnunet_pgl.pretraining.schedule.scheduled_lr_tau). Restored from the checkpoint on --c, None on a fresh run.
     schedule_extension: Optional[Dict[str, Any]] = None
 
     def to_json(self) -> Dict[str, Any]:
@@ -70,12 +72,7 @@ class PretrainConfig:
         return cls(**d)
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_json(), indent=2)
 
     @classmethod
     def load(cls, path: str) -> "PretrainConfig":

@@ -5,7 +5,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 LOCK_NAME = "pgl_pretrain.lock"
 
@@ -102,3 +102,57 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class OutputFolder:
+    """``with OutputFolder(out) as folder: ...; folder.keep()`` — create ``out`` (and its missing parents), take
+    its :class:`RunLock`, and on exit release the lock; if the run stopped before :meth:`keep` (e.g. bad unlabeled
+    input), remove the folders it created, so that a refused run leaves nothing behind.
+
+    Raises :class:`RunLockedError` (nothing created stays) when another live run holds the folder.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._made = _missing_parents(path) + ([] if os.path.isdir(path) else [path])
+        self._kept = False
+        self._lock: Optional[RunLock] = None
+
+    def keep(self) -> None:
+        """The run began: keep the folders whatever happens next."""
+        self._kept = True
+
+    def __enter__(self) -> "OutputFolder":
+        os.makedirs(self.path, exist_ok=True)
+        try:
+            self._lock = RunLock(self.path).acquire()  # the trainer takes it again in this process (or DDP children)
+        except RunLockedError:
+            self._remove_made()
+            raise
+        if self._lock.stale:
+            print(f"Recovered a stale lock of a dead run (host {self._lock.stale.get('host')}, pid "
+                  f"{self._lock.stale.get('pid')})")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
+        if not self._kept:
+            self._remove_made()
+
+    def _remove_made(self) -> None:
+        for d in self._made[::-1]:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+
+def _missing_parents(path: str) -> List[str]:
+    """The folders that ``os.makedirs(path)`` would create above ``path``, outermost first."""
+    out: List[str] = []
+    p = os.path.dirname(os.path.abspath(path))
+    while p and not os.path.isdir(p):
+        out.append(p)
+        p = os.path.dirname(p)
+    return out[::-1]

@@ -1,5 +1,6 @@
-"""Pictures of what pretraining learned: a fixed region, its two views with their overlap, and a PCA-RGB projection
-of each loss level's features, as mid-slices (written by the pretrainer every few epochs).
+"""Pictures of a pretraining run: ``progress.png`` (:func:`plot_pgl_progress`: losses, schedules, speed, overlap and
+the probe per epoch), and what it learned: a fixed region, its two views with their overlap, and a PCA-RGB
+projection of each loss level's features, as mid-slices (written by the pretrainer every few epochs).
 
 Aligned regions that look alike in both views' PCA colours are what the local consistency loss asks for; a map of
 one flat colour means collapsed features.
@@ -7,12 +8,13 @@ one flat colour means collapsed features.
 from __future__ import annotations
 
 import os
-from typing import List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from nnunet_pgl import ViewPrior, make_view_pair
+from nnunet_pgl import PGLBranch, ViewPrior, make_view_pair
+from nnunet_pgl.pretraining.atomic import save_figure
 from nnunet_pgl.prior import box_bounds
 
 
@@ -40,7 +42,7 @@ def _box_in_view(prior_from: ViewPrior, prior_to: ViewPrior) -> np.ndarray:
 
 
 @torch.no_grad()
-def feature_picture(branch: torch.nn.Module, region: torch.Tensor, patch_size: Sequence[int], levels: List[int],
+def feature_picture(branch: PGLBranch, region: torch.Tensor, patch_size: Sequence[int], levels: List[int],
                     path: str, title: str, seed: int = 0) -> None:
     """Write the picture for ``region`` ``(1, C, *R)`` (on the branch's device) to ``path`` (PNG)."""
     import matplotlib
@@ -61,8 +63,7 @@ def feature_picture(branch: torch.nn.Module, region: torch.Tensor, patch_size: S
     ax = np.atleast_2d(ax)
     ax[0, 0].imshow(region[0, 0, zr].float().cpu().numpy(), cmap="gray")
     for p, col in ((pa, "r"), (pb, "c")):
-        lo, hi = p.footprint()
-        lo, hi = lo[0].cpu().numpy(), hi[0].cpu().numpy()
+        lo, hi = (b[0].cpu().numpy() for b in p.footprint())
         ax[0, 0].add_patch(Rectangle((lo[2], lo[1]), hi[2] - lo[2], hi[1] - lo[1], fill=False, ec=col, lw=1.5))
     ax[0, 0].set_title("region (mid z), view a red, b cyan")
     for j, (v, p, q, name) in enumerate(((va, pa, pb, "a"), (vb, pb, pa, "b"))):
@@ -84,7 +85,64 @@ def feature_picture(branch: torch.nn.Module, region: torch.Tensor, patch_size: S
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
+    save_figure(fig, path, dpi=80)
     plt.close(fig)
-    os.replace(tmp, path)
+
+
+def _plot_probe(ax: Any, probed: List[Dict[str, Any]], init: Optional[Dict[str, Any]]) -> None:
+    """Probe panel: mean foreground F1 per level and for all levels against epoch, the random-initialised network
+    at epoch -1 (and dotted across, for all levels)."""
+    runs = ([init] if init is not None else []) + [r["probe"] for r in probed]
+    ep = ([-1] if init is not None else []) + [r["epoch"] for r in probed]
+
+    def val(v: Optional[float]) -> float:
+        return np.nan if v is None else v
+
+    for i, lvl in enumerate(probed[-1]["probe"]["levels"]):
+        ax.plot(ep, [val(p["levels"].get(lvl)) for p in runs], "o--", color=f"C{i}", label=f"level {lvl}")
+    ax.plot(ep, [val(p["all"]) for p in runs], "ko-", label="all levels")
+    if init is not None and init.get("all") is not None:
+        ax.axhline(init["all"], color="k", linestyle=":", label="all levels, random init")
+    ax.set_ylabel("probe: mean foreground F1"), ax.set_xlabel("epoch (-1: random init)"), ax.legend()
+
+
+def plot_pgl_progress(log: List[Dict[str, Any]], path: str) -> None:
+    """``progress.png``: total/per-level loss, lr and τ, epoch time and data-wait fraction, views/s and the mean
+    view overlap, and the dense linear probe (when it ran) against the random-init score."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    if not log:
+        return
+    ep = [r["epoch"] for r in log]
+    probed = [r for r in log if r.get("probe")]
+    fig, ax = plt.subplots(5 if probed else 4, 1, figsize=(10, 17.5 if probed else 14))
+    ax[0].plot(ep, [np.nan if r["loss"] is None else r["loss"] for r in log], "b-", label="total")
+    for i, lvl in enumerate(log[-1]["levels"]):
+        ax[0].plot(ep, [r["level_losses"][i] if r["level_losses"] and i < len(r["level_losses"]) else np.nan
+                        for r in log], "--", label=f"level {lvl}")
+    if log[-1].get("global_loss") is not None:
+        ax[0].plot(ep, [np.nan if r.get("global_loss") is None else r["global_loss"] for r in log], ":",
+                   label="global (BYOL)")
+    ax[0].set_ylabel("loss"), ax[0].legend()
+    ax[1].plot(ep, [r["lr"] for r in log], "g-", label="learning rate")
+    ax[1].set_ylabel("learning rate")
+    ax1b = ax[1].twinx()
+    ax1b.plot(ep, [r["tau"] for r in log], "r-", label="tau")
+    ax1b.set_ylabel("EMA tau")
+    ax[2].plot(ep, [r["epoch_time_s"] for r in log], "k-")
+    ax[2].set_ylabel("epoch time [s]")
+    ax2b = ax[2].twinx()
+    ax2b.plot(ep, [100 * r["data_wait_fraction"] for r in log], "m-")
+    ax2b.set_ylabel("data wait [%]")
+    ax[3].plot(ep, [r["views_per_s"] for r in log], "c-")
+    ax[3].set_ylabel("views / s"), ax[3].set_xlabel("epoch")
+    ax3b = ax[3].twinx()
+    ax3b.plot(ep, [np.nan if r.get("mean_overlap") is None else 100 * r["mean_overlap"] for r in log], "y-")
+    ax3b.set_ylabel("mean view overlap [%]")
+    if probed:
+        _plot_probe(ax[4], probed, next((r["probe_random_init"] for r in log if r.get("probe_random_init")), None))
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

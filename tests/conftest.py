@@ -48,6 +48,34 @@ def coords() -> Callable[..., torch.Tensor]:
     return coordinate_field
 
 
+# ------------------------------------------------------------------ fake nnU-Net results
+def write_summary(path: "os.PathLike[str] | str", cases: List[dict]) -> None:
+    """A validation ``summary.json`` written by nnU-Net's own ``save_summary_json`` (label keys as strings, keys
+    sorted, NaN as NaN) for ``cases``, entries of ``metric_per_case`` (``reference_file``, ``prediction_file``,
+    ``metrics``: ``{label: {metric: value}}``, numpy values allowed).
+
+    ``mean`` holds, per label and metric, the mean over the cases without NaN, as nnU-Net computes it;
+    ``foreground_mean`` the mean of the labels' means without NaN (where nnU-Net's plain mean would be NaN because
+    a class is absent from every case, this one is the mean of the other classes).
+    """
+    import warnings
+
+    import numpy as np
+    from nnunetv2.evaluation.evaluate_predictions import save_summary_json
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+
+    labels = list(cases[0]["metrics"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the mean of a label that is NaN in every case
+        means = {r: {m: float(np.nanmean([c["metrics"][r][m] for c in cases])) for m in cases[0]["metrics"][r]}
+                 for r in labels}
+        foreground = {m: float(np.nanmean([means[r][m] for r in labels])) for m in means[labels[0]]}
+    for c in cases:
+        recursive_fix_for_json_export(c)
+    os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+    save_summary_json({"metric_per_case": cases, "mean": means, "foreground_mean": foreground}, os.fspath(path))
+
+
 # ------------------------------------------------------------------ end-to-end fixtures (stock nnU-Net in subprocesses)
 BIN = os.path.dirname(sys.executable)
 DATASET = "Dataset991_PGLE2E"
@@ -64,7 +92,7 @@ def run(cmd: List[str], env: Dict[str, str], timeout: int = 900) -> subprocess.C
 @pytest.fixture(scope="session")
 def planned(tmp_path_factory):
     """A small synthetic CT dataset, planned and preprocessed by stock nnU-Net, plus an unlabeled folder."""
-    from nnunet_pgl.pretraining.synthetic import make_dataset
+    from nnunet_pgl.demo.synthetic import make_dataset
 
     root = tmp_path_factory.mktemp("nnunet")
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}

@@ -12,9 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, DATASET, run
+from conftest import BIN, DATASET, run, write_summary
 
-from nnunet_pgl.pretraining import compare as C
+from nnunet_pgl.evaluation import compare as C
+from nnunet_pgl.evaluation import jobs as J
+from nnunet_pgl.evaluation import leakage as LK
+from nnunet_pgl.evaluation import report as RP
+from nnunet_pgl.evaluation import results as RS
+from nnunet_pgl.evaluation import stats as S
 from nnunet_pgl.trainers.fractions import label_subset
 
 
@@ -23,60 +28,60 @@ from nnunet_pgl.trainers.fractions import label_subset
 def test_wilcoxon_all_positive_distinct_is_two_over_two_to_the_n(n):
     # all n differences positive with distinct magnitudes: W- = 0 is the most extreme of the 2^n equally likely
     # sign patterns, on each side once -> two-sided exact p = 2 / 2^n
-    assert C.wilcoxon_p(np.arange(1, n + 1) * 0.01) == pytest.approx(2.0 / 2 ** n)
-    assert C.wilcoxon_p(-np.arange(1, n + 1) * 0.01) == pytest.approx(2.0 / 2 ** n)
+    assert S.wilcoxon_p(np.arange(1, n + 1) * 0.01) == pytest.approx(2.0 / 2 ** n)
+    assert S.wilcoxon_p(-np.arange(1, n + 1) * 0.01) == pytest.approx(2.0 / 2 ** n)
 
 
 def test_wilcoxon_mixed_signs_hand_counted():
     # ranks 1..5, rank 4 negative: W- = 4. Subsets of {1..5} with sum <= 4: {}, {1}, {2}, {3}, {4}, {1,2}, {1,3}
     # -> P(W <= 4) = 7/32, two-sided p = 14/32
-    assert C.wilcoxon_p([0.1, 0.2, 0.3, -0.4, 0.5]) == pytest.approx(14 / 32)
+    assert S.wilcoxon_p([0.1, 0.2, 0.3, -0.4, 0.5]) == pytest.approx(14 / 32)
     # W- = 1 (rank 1 negative), n = 4: subsets with sum <= 1: {}, {1} -> 2/16, two-sided 4/16
-    assert C.wilcoxon_p([-1, 2, 3, 4]) == pytest.approx(4 / 16)
+    assert S.wilcoxon_p([-1, 2, 3, 4]) == pytest.approx(4 / 16)
 
 
 def test_wilcoxon_not_applicable():
-    assert C.wilcoxon_p([]) is None
-    assert C.wilcoxon_p([0.3]) is None          # n < 2
-    assert C.wilcoxon_p([0.0, 0.0, 0.0]) is None  # all differences zero
+    assert S.wilcoxon_p([]) is None
+    assert S.wilcoxon_p([0.3]) is None          # n < 2
+    assert S.wilcoxon_p([0.0, 0.0, 0.0]) is None  # all differences zero
     # zeros are dropped (Wilcoxon's original treatment): same p as without them
-    assert C.wilcoxon_p([0.0, 1, 2, 3, 4, 5]) == pytest.approx(C.wilcoxon_p([1, 2, 3, 4, 5]))
+    assert S.wilcoxon_p([0.0, 1, 2, 3, 4, 5]) == pytest.approx(S.wilcoxon_p([1, 2, 3, 4, 5]))
 
 
 def test_bootstrap_ci_two_values_is_the_full_range():
     # resampled means of [0, 1] are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4: the 2.5th and 97.5th percentiles
     # are 0 and 1
-    assert C.bootstrap_ci([0.0, 1.0], n_boot=20000, seed=0) == (0.0, 1.0)
-    assert C.bootstrap_ci([0.3] * 7, n_boot=100, seed=1) == pytest.approx((0.3, 0.3))  # no spread, no width
-    assert all(math.isnan(v) for v in C.bootstrap_ci([], n_boot=10))
+    assert S.bootstrap_ci([0.0, 1.0], n_boot=20000, seed=0) == (0.0, 1.0)
+    assert S.bootstrap_ci([0.3] * 7, n_boot=100, seed=1) == pytest.approx((0.3, 0.3))  # no spread, no width
+    assert all(math.isnan(v) for v in S.bootstrap_ci([], n_boot=10))
     with pytest.raises(ValueError, match="n_boot=0"):
-        C.bootstrap_ci([1.0], n_boot=0)
+        S.bootstrap_ci([1.0], n_boot=0)
 
 
 def test_bootstrap_ci_excludes_or_contains_zero_and_is_seeded():
     rng = np.random.default_rng(7)
     helps = 0.05 + 0.01 * rng.standard_normal(20)  # every case better: CI well above 0
-    lo, hi = C.bootstrap_ci(helps, n_boot=5000, seed=0)
+    lo, hi = S.bootstrap_ci(helps, n_boot=5000, seed=0)
     assert 0 < lo < helps.mean() < hi
     # the sample standard error is ~0.0022: a 95 % CI about ±1.96 SE wide
     se = helps.std(ddof=1) / math.sqrt(helps.size)
     assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
     noise = np.array([1.0, -1.0] * 10)  # symmetric: mean 0, CI straddles 0
-    lo, hi = C.bootstrap_ci(noise, n_boot=5000, seed=0)
+    lo, hi = S.bootstrap_ci(noise, n_boot=5000, seed=0)
     assert lo < 0 < hi
-    assert C.bootstrap_ci(helps, 1000, seed=3) == C.bootstrap_ci(helps, 1000, seed=3)
-    assert C.bootstrap_ci(helps, 1000, seed=3) != C.bootstrap_ci(helps, 1000, seed=4)
+    assert S.bootstrap_ci(helps, 1000, seed=3) == S.bootstrap_ci(helps, 1000, seed=3)
+    assert S.bootstrap_ci(helps, 1000, seed=3) != S.bootstrap_ci(helps, 1000, seed=4)
 
 
 def test_win_loss_tie_and_paired_stats_drop_nan_pairs():
-    assert C.win_loss_tie([0.1, -0.2, 0.0, 0.3]) == (2, 1, 1)
-    s = C.paired_stats([0.9, 0.8, float("nan"), 0.5, 0.7], [0.7, 0.9, 0.6, 0.5, float("nan")], n_boot=200)
+    assert S.win_loss_tie([0.1, -0.2, 0.0, 0.3]) == (2, 1, 1)
+    s = S.paired_stats([0.9, 0.8, float("nan"), 0.5, 0.7], [0.7, 0.9, 0.6, 0.5, float("nan")], n_boot=200)
     assert s["n"] == 3 and s["n_nan"] == 2
     assert (s["wins"], s["losses"], s["ties"]) == (1, 1, 1)
     assert s["mean_diff"] == pytest.approx((0.2 - 0.1 + 0.0) / 3)
     assert s["mean_a"] == pytest.approx((0.9 + 0.8 + 0.5) / 3) and s["mean_b"] == pytest.approx((0.7 + 0.9 + 0.5) / 3)
     with pytest.raises(ValueError, match="same number"):
-        C.paired_stats([1.0], [1.0, 2.0])
+        S.paired_stats([1.0], [1.0, 2.0])
 
 
 # ============================================================================================== fake results
@@ -95,20 +100,6 @@ def _case(case_id, dice1, dice2, fp=3, fn=4):
             "prediction_file": f"/res/fold_x/validation/{case_id}.nii.gz", "metrics": {1: lab(dice1), 2: lab(dice2)}}
 
 
-def _write_summary(path, cases):
-    """Through nnU-Net's own writer (string keys, sorted, NaN as NaN) with nnU-Net's means."""
-    from nnunetv2.evaluation.evaluate_predictions import save_summary_json
-    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
-    means = {r: {m: float(np.nanmean([c["metrics"][r][m] for c in cases])) for m in cases[0]["metrics"][r]}
-             for r in (1, 2)}
-    res = {"metric_per_case": cases, "mean": means,
-           "foreground_mean": {m: float(np.mean([means[r][m] for r in means])) for m in means[1]}}
-    for x in (cases, res["mean"], res["foreground_mean"]):
-        [recursive_fix_for_json_export(c) for c in x] if isinstance(x, list) else recursive_fix_for_json_export(x)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_summary_json(res, str(path))
-
-
 # fold 0: c0, c3; fold 1: c1, c2 (case order inside a fold differs between the arms on purpose)
 ARM_A = {0: [("c3", 0.80, 0.60), ("c0", 0.90, 0.70)], 1: [("c1", 0.70, None), ("c2", 0.60, 0.50)]}
 ARM_B = {0: [("c0", 0.85, 0.70), ("c3", 0.70, 0.50)], 1: [("c2", 0.65, 0.40), ("c1", 0.60, 0.30)]}
@@ -118,8 +109,8 @@ def _fake_results(root, trainers=("nnUNetTrainerPGL_smoke", "nnUNetTrainerScratc
     res = root / "res" / "Dataset990_Fake"
     for t, arm in zip(trainers, arms):
         for fold, cases in arm.items():
-            _write_summary(res / f"{t}__nnUNetPlans__3d_fullres" / f"fold_{fold}" / "validation" / "summary.json",
-                           [_case(*c) for c in cases])
+            write_summary(res / f"{t}__nnUNetPlans__3d_fullres" / f"fold_{fold}" / "validation" / "summary.json",
+                          [_case(*c) for c in cases])
     return res
 
 
@@ -128,17 +119,17 @@ def test_summary_read_back_in_nnunet_format(tmp_path):
     p = res / "nnUNetTrainerPGL_smoke__nnUNetPlans__3d_fullres" / "fold_1" / "validation" / "summary.json"
     raw = json.loads(p.read_text().replace("NaN", "null"))
     assert list(raw) == ["foreground_mean", "mean", "metric_per_case"]  # nnU-Net's sort_keys layout
-    s = C.read_summary(str(p), ".nii.gz")
+    s = RS.read_summary(str(p), ".nii.gz")
     assert set(s) == {"c1", "c2"} and set(s["c1"]) == {"1", "2"}
     assert s["c2"]["1"]["Dice"] == 0.6 and math.isnan(s["c1"]["2"]["Dice"]) and s["c2"]["1"]["FP"] == 3
 
 
 def test_pairing_by_case_id_across_folds(tmp_path):
     res = _fake_results(tmp_path)
-    a = C.collect_arm(str(res), "nnUNetTrainerPGL_smoke", "nnUNetPlans", "3d_fullres", [0, 1, 2], ".nii.gz")
-    b = C.collect_arm(str(res), "nnUNetTrainerScratch_smoke", "nnUNetPlans", "3d_fullres", [0, 1, 2], ".nii.gz")
+    a = RS.collect_arm(str(res), "nnUNetTrainerPGL_smoke", "nnUNetPlans", "3d_fullres", [0, 1, 2], ".nii.gz")
+    b = RS.collect_arm(str(res), "nnUNetTrainerScratch_smoke", "nnUNetPlans", "3d_fullres", [0, 1, 2], ".nii.gz")
     assert a["folds_found"] == [0, 1] and a["folds_missing"] == [2]
-    c = C.compare_arms(a, b, n_boot=500, seed=0)
+    c = RS.compare_arms(a, b, n_boot=500, seed=0)
     assert c["n_cases"] == 4 and c["labels"] == ["1", "2"]
     liver = {x["case_id"]: x["diff"] for x in c["classes"]["1"]["cases"]}
     assert liver == pytest.approx({"c0": 0.05, "c1": 0.10, "c2": -0.05, "c3": 0.10})
@@ -153,7 +144,7 @@ def test_pairing_by_case_id_across_folds(tmp_path):
     # nnU-Net's means: NaN left out of the class mean, foreground = mean of the class means
     assert kidney["mean_a"]["Dice"] == pytest.approx((0.6 + 0.7 + 0.5) / 3)
     assert kidney["mean_b"]["Dice"] == pytest.approx((0.7 + 0.5 + 0.4 + 0.3) / 4)
-    fg = c["classes"][C.OVERALL]
+    fg = c["classes"][RS.OVERALL]
     assert fg["mean_a"]["Dice"] == pytest.approx(((0.9 + 0.8 + 0.7 + 0.6) / 4 + 0.6) / 2)
     # per-case foreground value: mean of the case's non-NaN classes (c1 in arm A: liver only)
     per_case = {x["case_id"]: (x["a"], x["b"]) for x in fg["cases"]}
@@ -166,8 +157,8 @@ def test_pairing_by_case_id_across_folds(tmp_path):
 def test_case_validated_in_two_folds_is_an_error(tmp_path):
     arm = {0: [("c0", 0.9, 0.8)], 1: [("c0", 0.8, 0.7)]}
     res = _fake_results(tmp_path, arms=(arm, arm))
-    with pytest.raises(C.CompareError, match="case c0 is validated in fold 0 and fold 1"):
-        C.collect_arm(str(res), "nnUNetTrainerPGL_smoke", "nnUNetPlans", "3d_fullres", [0, 1], ".nii.gz")
+    with pytest.raises(RS.CompareError, match="case c0 is validated in fold 0 and fold 1"):
+        RS.collect_arm(str(res), "nnUNetTrainerPGL_smoke", "nnUNetPlans", "3d_fullres", [0, 1], ".nii.gz")
 
 
 # ============================================================================================== leakage guard
@@ -186,7 +177,7 @@ def test_find_leaks_labeled_by_id_and_unlabeled_by_raw_hash(tmp_path):
     _write_raw_case(raw, "c0", [b"image zero"])
     f3 = _write_raw_case(raw, "c3", [b"image three, copied into the unlabeled folder"])
     _write_raw_case(raw, "c1", [b"image one"])
-    files = C.raw_image_files(str(raw), {"file_ending": ".nii.gz"}, ["c0", "c1", "c2", "c3"])
+    files = LK.raw_image_files(str(raw), {"file_ending": ".nii.gz"}, ["c0", "c1", "c2", "c3"])
     assert set(files) == {"c0", "c1", "c3"}  # c2 has no raw file
     meta = {"dataset_name": "Dataset990_Fake", "cases": [
         {"case_id": "c0", "kind": "labeled", "sha256": "a" * 64},
@@ -194,14 +185,14 @@ def test_find_leaks_labeled_by_id_and_unlabeled_by_raw_hash(tmp_path):
         {"case_id": "unl_0123456789abcdef", "kind": "unlabeled",
          "sha256": hashlib.sha256(f3[0].read_bytes()).hexdigest(), "source": ["/data/unlabeled/scan7.nii.gz"]},
         {"case_id": "unl_ffffffffffffffff", "kind": "unlabeled", "sha256": "c" * 64, "source": ["/x.nrrd"]}]}
-    out = C.find_leaks(meta, "Dataset990_Fake", {0: ["c0", "c3"], 1: ["c1", "c2"]}, files)
+    out = LK.find_leaks(meta, "Dataset990_Fake", {0: ["c0", "c3"], 1: ["c1", "c2"]}, files)
     assert out[0]["labeled"] == ["c0"] and out[0]["leaked"] == ["c0", "c3"] and out[0]["n_val"] == 2
     assert out[0]["unlabeled"] == [{"case_id": "c3", "pretrain_case_id": "unl_0123456789abcdef",
                                     "source": ["/data/unlabeled/scan7.nii.gz"]}]
     assert out[1]["leaked"] == [] and out[1]["unchecked"] == ["c2"]
-    lines = C.leakage_lines([{"error": None, "pretrainer": "nnUNetPretrainerPGL", "checkpoint": "/ck.pth",
-                              "arms": ["nnUNetTrainerPGL"], "folds": out}], "Dataset990_Fake", "3d_fullres",
-                            "nnUNetPlans")
+    lines = RP.leakage_lines([{"error": None, "pretrainer": "nnUNetPretrainerPGL", "checkpoint": "/ck.pth",
+                               "arms": ["nnUNetTrainerPGL"], "folds": out}], "Dataset990_Fake", "3d_fullres",
+                             "nnUNetPlans")
     assert lines[0].startswith("**LEAKAGE: 2 of 2 validation cases of fold 0 were seen in pretraining; rerun "
                                "pgl_pretrain --exclude-fold 0**")
     assert "labeled images: c0" in lines[0] and "scan7.nii.gz" in lines[0]
@@ -212,16 +203,17 @@ def test_find_leaks_labeled_by_id_and_unlabeled_by_raw_hash(tmp_path):
 
 def test_no_leakage_is_stated():
     meta = {"dataset_name": "D", "cases": [{"case_id": "c9", "kind": "labeled", "sha256": "a" * 64}]}
-    out = C.find_leaks(meta, "D", {0: ["c0", "c1"]}, {})
-    lines = C.leakage_lines([{"error": None, "pretrainer": "nnUNetPretrainerPGL", "checkpoint": "/ck.pth",
-                              "arms": ["nnUNetTrainerPGL"], "folds": out}], "D", "3d_fullres", "nnUNetPlans")
+    out = LK.find_leaks(meta, "D", {0: ["c0", "c1"]}, {})
+    lines = RP.leakage_lines([{"error": None, "pretrainer": "nnUNetPretrainerPGL", "checkpoint": "/ck.pth",
+                               "arms": ["nnUNetTrainerPGL"], "folds": out}], "D", "3d_fullres", "nnUNetPlans")
     assert lines == [lines[0]] and lines[0].startswith("**Leakage guard: no leakage**")
 
 
 def test_raw_hash_matches_what_ingestion_hashes_for_multichannel_cases(tmp_path):
     """The guard hashes a validation case's raw files exactly as ingest hashes an unlabeled case (channel order)."""
     import SimpleITK as sitk
-    from nnunet_pgl.pretraining.ingest import _discover, _hash_and_check
+    from nnunet_pgl.pretraining.ingest.discovery import discover
+    from nnunet_pgl.pretraining.ingest.integrity import hash_and_check
     raw = tmp_path / "raw"
     unl = tmp_path / "unlabeled"
     (raw / "imagesTr").mkdir(parents=True)
@@ -234,12 +226,12 @@ def test_raw_hash_matches_what_ingestion_hashes_for_multichannel_cases(tmp_path)
                         str(raw / "imagesTr" / f"c8_{ch:04d}.nii.gz"))
     for n in ("c7_0000.nii.gz", "c7_0001.nii.gz"):  # the user put a copy of c7 into the unlabeled folder
         (unl / n).write_bytes((raw / "imagesTr" / n).read_bytes())
-    groups, _, _ = _discover([str(unl)], 2)
-    ingested_sha = _hash_and_check(groups[0].hashed)[0]
-    files = C.raw_image_files(str(raw), {"file_ending": ".nii.gz"}, ["c7", "c8"])
+    groups, _, _ = discover([str(unl)], 2)
+    ingested_sha = hash_and_check(groups[0].hashed)[0]
+    files = LK.raw_image_files(str(raw), {"file_ending": ".nii.gz"}, ["c7", "c8"])
     assert [os.path.basename(p) for p in files["c7"]] == ["c7_0000.nii.gz", "c7_0001.nii.gz"]
     meta = {"dataset_name": "D", "cases": [{"case_id": "unl_x", "kind": "unlabeled", "sha256": ingested_sha}]}
-    assert C.find_leaks(meta, "D", {0: ["c7", "c8"]}, files)[0]["leaked"] == ["c7"]
+    assert LK.find_leaks(meta, "D", {0: ["c7", "c8"]}, files)[0]["leaked"] == ["c7"]
 
 
 # ============================================================================================== report rendering
@@ -313,17 +305,17 @@ def test_report_states_no_leakage_and_missing_results_error(tmp_path, monkeypatc
 
 
 def test_fraction_names_and_missing_variant_message():
-    assert C.fraction_suffix(1.0) == "" and C.fraction_suffix(0.1) == "_frac10" and C.fraction_suffix(0.25) == "_frac25"
-    with pytest.raises(C.CompareError, match="in \\(0, 1\\]"):
-        C.fraction_suffix(1.5)
-    with pytest.raises(C.CompareError, match="whole percentages"):
-        C.fraction_suffix(0.125)
-    pairs = C.resolve_trainers(["nnUNetTrainerPGL_smoke", "nnUNetTrainerScratch_smoke"], [0.5, 1.0])
+    assert J.fraction_suffix(1.0) == "" and J.fraction_suffix(0.1) == "_frac10" and J.fraction_suffix(0.25) == "_frac25"
+    with pytest.raises(RS.CompareError, match="in \\(0, 1\\]"):
+        J.fraction_suffix(1.5)
+    with pytest.raises(RS.CompareError, match="whole percentages"):
+        J.fraction_suffix(0.125)
+    pairs = J.resolve_trainers(["nnUNetTrainerPGL_smoke", "nnUNetTrainerScratch_smoke"], [0.5, 1.0])
     assert [c.__name__ for c in pairs[0.5]] == ["nnUNetTrainerPGL_smoke_frac50", "nnUNetTrainerScratch_smoke_frac50"]
-    assert C.is_pgl_trainer(pairs[1.0][0]) and not C.is_pgl_trainer(pairs[1.0][1])
-    with pytest.raises(C.CompareError, match="nnUNetTrainerPGL_frac30, which does not exist.*_frac10, _frac25, "
+    assert J.is_pgl_trainer(pairs[1.0][0]) and not J.is_pgl_trainer(pairs[1.0][1])
+    with pytest.raises(RS.CompareError, match="nnUNetTrainerPGL_frac30, which does not exist.*_frac10, _frac25, "
                                              "_frac50"):
-        C.resolve_trainers(["nnUNetTrainerPGL", "nnUNetTrainerScratch"], [0.3])
+        J.resolve_trainers(["nnUNetTrainerPGL", "nnUNetTrainerScratch"], [0.3])
 
 
 def test_training_jobs_resume_states(tmp_path):
@@ -335,14 +327,24 @@ def test_training_jobs_resume_states(tmp_path):
     (td / "fold_1" / "checkpoint_final.pth").write_bytes(b"x")
     (td / "fold_2").mkdir()
     (td / "fold_2" / "checkpoint_latest.pth").write_bytes(b"x")
-    jobs = C.training_jobs(str(res), {1.0: ("T", "U")}, "nnUNetPlans", "3d_fullres", [0, 1, 2, 3])
+    jobs = J.training_jobs(str(res), {1.0: ("T", "U")}, "nnUNetPlans", "3d_fullres", [0, 1, 2, 3])
     states = {(j["trainer"], j["fold"]): j["state"] for j in jobs}
     assert states == {("T", 1): "val", ("T", 2): "continue", ("T", 3): "train", ("U", 0): "train",
                       ("U", 1): "train", ("U", 2): "train", ("U", 3): "train"}
     assert [(j["trainer"], j["fold"]) for j in jobs][:3] == [("U", 0), ("T", 1), ("U", 1)]  # pairs finish early
-    cmd = C.train_command("Dataset990_Fake", "3d_fullres", 2, "T", "nnUNetPlans", "cpu", "continue")
+    cmd = J.train_command("Dataset990_Fake", "3d_fullres", 2, "T", "nnUNetPlans", "cpu", "continue")
     assert cmd[1:] == ["Dataset990_Fake", "3d_fullres", "2", "-tr", "T", "-p", "nnUNetPlans", "-device", "cpu", "--c"]
-    assert C.train_command("D", "c", 1, "T", "P", "cpu", "val")[-1] == "--val"
+    assert J.train_command("D", "c", 1, "T", "P", "cpu", "val")[-1] == "--val"
+
+
+def test_help_shows_each_default_once():
+    text = " ".join(C.build_parser().format_help().split())  # argparse wraps lines to the terminal width
+    assert "(default: None)" not in text and "(default: False)" not in text  # no default printed for no default
+    for default in ("(default: 3d_fullres)", "(default: nnUNetPlans)", "default: 0 1 2 3 4)",
+                    "(default: nnUNetTrainerPGL nnUNetTrainerScratch)", "(default: 1.0)", "(default: cuda)",
+                    "(default: $nnUNet_results/<Dataset>/pgl_compare/)", "(default: 10000)", "(default: 0)"):
+        assert text.count(default) == 1, default
+    assert text.count("(default") == 8  # -f says it at the end of its sentence
 
 
 # ============================================================================================== label fractions
@@ -432,4 +434,4 @@ def test_pgl_compare_run_end_to_end(pretrained):
     assert "training run(s) to do" in p.stdout and "[pgl_compare] 1/" in p.stdout
     # resumable: a second --run would train nothing (checked in-process: a subprocess costs ~20 s here)
     pairs = {fr["fraction"]: tuple(fr["trainers"]) for fr in js["fractions"]}
-    assert C.training_jobs(res, pairs, "nnUNetPlans", "3d_fullres", [0]) == []
+    assert J.training_jobs(res, pairs, "nnUNetPlans", "3d_fullres", [0]) == []

@@ -12,8 +12,10 @@ from typing import Dict, List
 
 import pytest
 
-from nnunet_pgl.pretraining import demo
-from nnunet_pgl.pretraining.synthetic import LABELS
+from conftest import write_summary
+
+from nnunet_pgl.demo import cli as demo
+from nnunet_pgl.demo.synthetic import LABELS
 
 BIN = os.path.dirname(sys.executable)
 
@@ -152,16 +154,11 @@ def test_previous_demo_folder_is_reused(tmp_path):
 
 # ------------------------------------------------------------------------------------- report
 def fake_summary(path: str, dice: Dict[str, float]) -> None:
-    """An nnU-Net 2.8 ``summary.json`` (same keys and nesting as ``save_summary_json``) with the given Dice."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    """An nnU-Net 2.8 ``summary.json`` (:func:`conftest.write_summary`) of one case with the given Dice."""
     metrics = lambda d: {"Dice": d, "FN": 1, "FP": 2, "IoU": d / (2 - d) if d == d else d, "TN": 3, "TP": 4,
                          "n_pred": 5, "n_ref": 6}  # noqa: E731
-    fg = [v for v in dice.values() if v == v]
-    s = {"foreground_mean": metrics(sum(fg) / len(fg)), "mean": {k: metrics(v) for k, v in dice.items()},
-         "metric_per_case": [{"metrics": {k: metrics(v) for k, v in dice.items()}, "prediction_file": "p",
-                              "reference_file": "r"}]}
-    with open(path, "w") as f:
-        json.dump(s, f, sort_keys=True, indent=4)
+    write_summary(path, [{"metrics": {k: metrics(v) for k, v in dice.items()}, "prediction_file": "p",
+                          "reference_file": "r"}])
 
 
 def test_dice_table_from_summary_json(tmp_path):

@@ -129,7 +129,7 @@ def fault_env(planned, tmp_path):
     env, _, root = planned
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
-    from nnunet_pgl.pretraining.synthetic import make_case
+    from nnunet_pgl.demo.synthetic import make_case
     for i in range(6):
         img = make_case(shape=(24, 48, 48), spacing=(2.5, 1.0, 1.0), rng=np.random.default_rng(500 + i))[0]
         im = sitk.GetImageFromArray(img)
@@ -284,7 +284,7 @@ def test_second_run_on_the_same_folder_is_refused(planned, tmp_path):
         # the second run names an unlabeled folder too: refused before ingesting, it leaves the cache as it was
         unl = tmp_path / "unlabeled"
         unl.mkdir()
-        from nnunet_pgl.pretraining.synthetic import make_case
+        from nnunet_pgl.demo.synthetic import make_case
         im = sitk.GetImageFromArray(make_case(shape=(24, 48, 48), rng=np.random.default_rng(9))[0])
         im.SetSpacing((1.0, 1.0, 2.5))
         sitk.WriteImage(im, str(unl / "u.nii.gz"))

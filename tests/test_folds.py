@@ -250,7 +250,7 @@ def test_folds_pretraining_then_leakage_guard_is_clean(planned, tmp_path, monkey
     shutil.copy(val, twin / "summary.json")
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(k, env[k])
-    from nnunet_pgl.pretraining import compare as C
+    from nnunet_pgl.evaluation import compare as C
     r = C.compare("991", pair=["nnUNetTrainerPGL_smoke", "nnUNetTrainerScratch_smoke"], n_boot=100, verbose=False)
     n_val = sum(len(s["val"]) for s in splits)
     assert r["leakage_lines"] == [next(ln for ln in r["leakage_lines"] if ln.startswith("**Leakage guard: no leakage"))]

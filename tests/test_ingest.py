@@ -17,9 +17,11 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_pgl.pretraining import ingest
+from nnunet_pgl.pretraining.ingest import discovery, integrity, preprocessing
+from nnunet_pgl.pretraining.contract import sha256_of_files
 from nnunet_pgl.pretraining.ingest import (IngestError, IngestWarning, UnlabeledCase, ingest_unlabeled,
-                                           sha256_of_files, unlabeled_folder)
-from nnunet_pgl.pretraining.synthetic import make_case
+                                           unlabeled_folder)
+from nnunet_pgl.demo.synthetic import make_case
 
 SHAPE = (16, 32, 32)
 SPACING = (2.5, 1.0, 1.0)  # z, y, x (the plans' 3d_fullres spacing)
@@ -97,7 +99,7 @@ def folder_files(base: str) -> set:
 def count_calls(monkeypatch):
     """Count worker calls (in-process runs only): ``counts['preprocess']``, ``counts['hash']``."""
     counts = {"preprocess": 0, "hash": 0}
-    real_pre, real_hash = ingest._preprocess_case, ingest._hash_and_check
+    real_pre, real_hash = preprocessing.preprocess_case, integrity.hash_and_check
 
     def pre(*a, **k):
         counts["preprocess"] += 1
@@ -107,8 +109,8 @@ def count_calls(monkeypatch):
         counts["hash"] += 1
         return real_hash(*a, **k)
 
-    monkeypatch.setattr(ingest, "_preprocess_case", pre)
-    monkeypatch.setattr(ingest, "_hash_and_check", hsh)
+    monkeypatch.setattr(preprocessing, "preprocess_case", pre)
+    monkeypatch.setattr(integrity, "hash_and_check", hsh)
     return counts
 
 
@@ -178,8 +180,8 @@ def test_nibabel_dataset_reads_nifti_with_nibabel_and_nrrd_with_simpleitk(tmp_pa
     src.mkdir()
     nii = write_image(ct(2), src / "a.nii.gz")
     nrrd = write_image(ct(3), src / "b.nrrd")
-    assert ingest._reader_class_for([nii], pm_nib.image_reader_writer_class).__name__ == "NibabelIO"
-    assert ingest._reader_class_for([nrrd], pm_nib.image_reader_writer_class).__name__ == "SimpleITKIO"
+    assert preprocessing.reader_class_for([nii], pm_nib.image_reader_writer_class).__name__ == "NibabelIO"
+    assert preprocessing.reader_class_for([nrrd], pm_nib.image_reader_writer_class).__name__ == "SimpleITKIO"
     cases = run([src], (pm_nib, cm_nib), dataset_json, base)
     ref_nii = DefaultPreprocessor(verbose=False).run_case([nii], None, pm_nib, cm_nib, dataset_json)[0]
     ref_nrrd = DefaultPreprocessor(verbose=False).run_case([nrrd], None, pm_sitk, cm_sitk, dataset_json)[0]
@@ -219,8 +221,8 @@ def forbid_image_reads(monkeypatch, src: Path) -> dict:
             raise AssertionError(f"{what} read a source file on a cached re-run: {a[:1]}")
         return f
 
-    for name in ("_probe", "_hash_and_check", "_preprocess_case"):  # (.mhd headers: caught by ``open``)
-        monkeypatch.setattr(ingest, name, refuse(name))
+    for module, name in ((discovery, "probe"), (integrity, "hash_and_check"), (preprocessing, "preprocess_case")):
+        monkeypatch.setattr(module, name, refuse(name))  # (.mhd headers: caught by ``open``)
     monkeypatch.setattr(sitk.ImageFileReader, "ReadImageInformation", refuse("SimpleITK"))
     monkeypatch.setattr(sitk.ImageFileReader, "Execute", refuse("SimpleITK"))
     monkeypatch.setattr(sitk, "ReadImage", refuse("SimpleITK"))
@@ -254,9 +256,9 @@ def test_cached_rerun_reads_no_image_file(tmp_path, pm_cm, dataset_json, base, m
     st = os.stat(mhd)
     os.utime(mhd, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, new mtime
     probed, hashed = [], []
-    real_probe, real_hash = ingest._probe, ingest._hash_and_check
-    monkeypatch.setattr(ingest, "_probe", lambda p: probed.append(p) or real_probe(p))
-    monkeypatch.setattr(ingest, "_hash_and_check", lambda paths, *a, **k: hashed.append(tuple(paths))
+    real_probe, real_hash = discovery.probe, integrity.hash_and_check
+    monkeypatch.setattr(discovery, "probe", lambda p: probed.append(p) or real_probe(p))
+    monkeypatch.setattr(integrity, "hash_and_check", lambda paths, *a, **k: hashed.append(tuple(paths))
                         or real_hash(paths, *a, **k))
     assert run([src], pm_cm, dataset_json, base) == first
     assert probed == [mhd] and hashed == [(mhd, str(src / "c.raw"))]
@@ -565,7 +567,11 @@ def test_many_warnings_make_one_summary_each_and_a_full_report(tmp_path, pm_cm, 
     assert not report.exists()  # no stale report of the earlier run
 
 
-@pytest.mark.parametrize("phase", ["_probe", "_stat", "_hash_and_check", "_preprocess_case"])
+PHASES = {"probe": (discovery, "probe"), "stat": (integrity, "file_stat"), "hash": (integrity, "hash_and_check"),
+          "preprocess": (preprocessing, "preprocess_case")}
+
+
+@pytest.mark.parametrize("phase", list(PHASES))
 def test_file_disappearing_during_ingestion_is_skipped(tmp_path, pm_cm, dataset_json, base, monkeypatch, phase):
     """The file is deleted just before each step that touches it (header probe, stat, hash, read): skipped with a
     message that says so, the other case is ingested, nothing partial is left."""
@@ -573,7 +579,8 @@ def test_file_disappearing_during_ingestion_is_skipped(tmp_path, pm_cm, dataset_
     src.mkdir()
     gone = write_image(ct(95), src / "gone.nii.gz")
     good = write_image(ct(96), src / "good.nii.gz")
-    real = getattr(ingest, phase)
+    module, name = PHASES[phase]
+    real = getattr(module, name)
 
     def vanish_first(*args, **kw):
         touched = [a for a in args if a == gone or (isinstance(a, (tuple, list)) and gone in a)]
@@ -581,7 +588,7 @@ def test_file_disappearing_during_ingestion_is_skipped(tmp_path, pm_cm, dataset_
             os.remove(gone)
         return real(*args, **kw)
 
-    monkeypatch.setattr(ingest, phase, vanish_first)
+    monkeypatch.setattr(module, name, vanish_first)
     with pytest.warns(IngestWarning, match=r"gone\.nii\.gz: the file disappeared during ingestion .*put it back"):
         cases = run([src], pm_cm, dataset_json, base)
     assert [c.source for c in cases] == [(good,)]
@@ -596,14 +603,14 @@ def test_duplicate_stands_in_for_a_vanished_file(tmp_path, pm_cm, dataset_json, 
     a = write_image(ct(99), src / "a.nii.gz")
     b = src / "b.nii.gz"
     b.write_bytes(Path(a).read_bytes())  # the same content under another name
-    real = ingest._preprocess_case
+    real = preprocessing.preprocess_case
 
     def vanish_a(files, *args, **kw):
         if a in files and os.path.exists(a):
             os.remove(a)
         return real(files, *args, **kw)
 
-    monkeypatch.setattr(ingest, "_preprocess_case", vanish_a)
+    monkeypatch.setattr(preprocessing, "preprocess_case", vanish_a)
     with pytest.warns(IngestWarning, match=r"a\.nii\.gz: the file disappeared during ingestion"):
         cases = run([src], pm_cm, dataset_json, base)
     assert [c.source for c in cases] == [(str(b),)]
@@ -722,7 +729,7 @@ def test_sha256_of_files_and_the_checking_hash_agree(tmp_path):
     b.write_bytes(b"xyz" * 1000)
     expected = hashlib.sha256(Path(a).read_bytes() + b.read_bytes()).hexdigest()
     assert sha256_of_files([a, str(b)]) == expected
-    assert ingest._hash_and_check([a, str(b)]) == (expected, [])
+    assert integrity.hash_and_check([a, str(b)]) == (expected, [])
 
 
 @pytest.mark.slow  # spawns two worker processes (each imports nnU-Net)

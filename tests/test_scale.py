@@ -113,7 +113,7 @@ def test_pgl_pretrain_summarises_warnings_and_writes_the_report(planned, tmp_pat
     """``pgl_pretrain --unlabeled`` over 7 MR-like and 7 unreadable files: one warning per kind on stderr (not one
     per file) and every file in ``unlabeled_warnings.txt`` in the output folder (training itself stubbed out)."""
     import SimpleITK as sitk
-    from nnunet_pgl.pretraining.synthetic import make_case
+    from nnunet_pgl.demo.synthetic import make_case
     env, _, _ = planned
     env = dict(env, nnUNet_results=str(tmp_path / "res"))
     unl = tmp_path / "unlabeled"

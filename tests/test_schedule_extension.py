@@ -13,7 +13,7 @@ from tiny_pretrain import load_checkpoint, log_lines, output_folder, pgl_pretrai
 
 from nnunet_pgl import rewarm, rewarm_steps, tau_schedule, warmup_cosine_lr
 from nnunet_pgl.pretraining.config import PretrainConfig
-from nnunet_pgl.pretraining.pretrainer import scheduled_lr_tau
+from nnunet_pgl.pretraining.schedule import scheduled_lr_tau
 
 
 # ------------------------------------------------------------------------------------------- pure functions

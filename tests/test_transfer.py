@@ -98,7 +98,7 @@ def test_transfer_refusals_write_nothing(tmp_path, monkeypatch, data_dir):
 @pytest.mark.slow
 def test_one_pretraining_two_datasets_end_to_end(planned, tmp_path):
     """A = the planned dataset (24×48×48), B = another synthetic dataset (20×40×56, other spacing), own folders."""
-    from nnunet_pgl.pretraining.synthetic import make_dataset
+    from nnunet_pgl.demo.synthetic import make_dataset
     from test_trainers import clean_env
     env0, _, root = planned
     env = dict(env0)

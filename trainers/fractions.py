@@ -121,4 +121,5 @@ class nnUNetTrainerScratch_smoke_frac50(LabelFractionMixin, nnUNetTrainerScratch
 
 #: every trainer class defined here (the shim nnU-Net searches imports these)
 __all__ = [name for name, obj in list(globals().items())
-           if isinstance(obj, type) and issubclass(obj, LabelFractionMixin) and obj.__module__ == __name__]
+           if isinstance(obj, type) and issubclass(obj, LabelFractionMixin) and obj is not LabelFractionMixin
+           and obj.__module__ == __name__]

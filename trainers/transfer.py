@@ -42,7 +42,9 @@ import json
 import os
 import shutil
 import sys
-from typing import Any, Dict, List, NoReturn, Optional
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
+
+from nnunet_pgl.pretraining.helptext import DefaultsOnceFormatter
 
 PROG = "pgl_transfer"
 
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune dataset B from the PGL pretraining of dataset A: moves A's plans to B (nnU-Net's "
                     "nnUNetv2_move_plans_between_datasets), preprocesses B with them and records which PGL checkpoint "
                     "belongs to those plans, so that nnUNetv2_train B C FOLD -tr nnUNetTrainerPGL -p P_A finds it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsOnceFormatter)
     p.add_argument("-s", dest="source", required=True, help="Dataset A (name or ID): planned, and pretrained with "
                    "pgl_pretrain (now or later).")
     p.add_argument("-t", dest="target", required=True, help="Dataset B (name or ID), in nnUNet_raw.")
@@ -106,14 +108,12 @@ def transfer(source: str, target: str, plans: str = "nnUNetPlans", configuration
     Raises:
         TransferError: a problem the user can fix, before anything is written.
     """
-    from nnunetv2.configuration import default_num_processes
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     import nnunet_pgl
-    from nnunet_pgl.pretraining.contract import (PRETRAINER_BY_METHOD, PGLCheckpointError, check_pgl_meta,
-                                                 pretrain_command, pretraining_checkpoint, read_pgl_checkpoint,
-                                                 transfer_record_path)
+    from nnunet_pgl.pretraining.atomic import atomic_write_json
+    from nnunet_pgl.pretraining.contract import transfer_record_path
 
     for var, val in (("nnUNet_raw", nnUNet_raw), ("nnUNet_preprocessed", nnUNet_preprocessed),
                      ("nnUNet_results", nnUNet_results)):
@@ -162,6 +162,27 @@ def transfer(source: str, target: str, plans: str = "nnUNetPlans", configuration
         raise TransferError(f"{target_file} exists and is not {a}'s current plans '{plans}' (moved from another "
                             f"dataset, or {a} was planned again since). Pass -tp with a new name, or delete it (and "
                             "the results trained with it) to replace it")
+    checkpoints, ck_warnings = _source_checkpoints(a, b, plans, configuration, source_plans, a_json)
+    warnings += ck_warnings
+
+    _move_and_preprocess(a, b, plans, tp, configuration, num_processes)
+    record = {"format": 1, "source_dataset": a, "source_plans": plans, "configuration": configuration,
+              "target_dataset": b, "target_plans": tp,
+              "created": datetime.datetime.now().isoformat(timespec="seconds"),
+              "nnunet_pgl_version": nnunet_pgl.__version__}
+    record_path = transfer_record_path(b, tp, configuration)
+    os.makedirs(os.path.dirname(record_path), exist_ok=True)
+    atomic_write_json(record_path, record, indent=2)
+    return dict(record, record_path=record_path, checkpoints=checkpoints, warnings=warnings)
+
+
+def _source_checkpoints(a: str, b: str, plans: str, configuration: str, source_plans: Dict[str, Any],
+                        a_json: Dict[str, Any]) -> Tuple[Dict[str, Optional[str]], List[str]]:
+    """A's PGL checkpoints per pretrainer (they must fit A's plans: B's are the same), and the warnings (none yet:
+    the command that makes one)."""
+    from nnunet_pgl.pretraining.contract import (PRETRAINER_BY_METHOD, PGLCheckpointError, check_pgl_meta,
+                                                 pretrain_command, pretraining_checkpoint, read_pgl_checkpoint)
+    warnings: List[str] = []
     checkpoints: Dict[str, Optional[str]] = {}
     for pretrainer in PRETRAINER_BY_METHOD.values():  # A's checkpoints must fit A's plans: B's are the same
         path = pretraining_checkpoint(a, plans, configuration, pretrainer, "all")
@@ -177,7 +198,14 @@ def transfer(source: str, target: str, plans: str = "nnUNetPlans", configuration
         warnings.append(f"{a} has no PGL pretraining for plans {plans}, configuration {configuration} yet "
                         f"({pretraining_checkpoint(a, plans, configuration, pretrainer, 'all')}): run "
                         f"{pretrain_command(a, configuration, plans, pretrainer)} before fine-tuning {b}")
+    return checkpoints, warnings
 
+
+def _move_and_preprocess(a: str, b: str, plans: str, tp: str, configuration: str, num_processes: Optional[int]) -> None:
+    """B's fingerprint (if missing) and dataset.json, A's plans moved to B as ``tp``, B preprocessed with them."""
+    from nnunetv2.configuration import default_num_processes
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    raw_b = os.path.join(str(nnUNet_raw), b)
     n = num_processes or default_num_processes
     b_id = int(b[len("Dataset"):len("Dataset") + 3])
     if not os.path.isfile(os.path.join(str(nnUNet_preprocessed), b, "dataset_fingerprint.json")):
@@ -195,18 +223,6 @@ def transfer(source: str, target: str, plans: str = "nnUNetPlans", configuration
     print(f"{PROG}: preprocessing {b} with {tp} (nnUNetv2_preprocess -d {b_id} -plans_name {tp} -c "
           f"{configuration})", flush=True)
     preprocess_dataset(b_id, tp, [configuration], [n], verbose=False)
-
-    record = {"format": 1, "source_dataset": a, "source_plans": plans, "configuration": configuration,
-              "target_dataset": b, "target_plans": tp,
-              "created": datetime.datetime.now().isoformat(timespec="seconds"),
-              "nnunet_pgl_version": nnunet_pgl.__version__}
-    record_path = transfer_record_path(b, tp, configuration)
-    os.makedirs(os.path.dirname(record_path), exist_ok=True)
-    tmp = record_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, record_path)
-    return dict(record, record_path=record_path, checkpoints=checkpoints, warnings=warnings)
 
 
 def _fail(msg: str) -> NoReturn:

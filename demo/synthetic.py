@@ -106,7 +106,8 @@ def make_case(shape: Sequence[int] = (32, 64, 64), spacing: Sequence[float] = (2
     return img.astype(np.float32), lab
 
 
-def _write(arr: np.ndarray, spacing: Sequence[float], path: str) -> None:
+def write_image(arr: np.ndarray, spacing: Sequence[float], path: str) -> None:
+    """Write a (Z, Y, X) array as an image file of that spacing (mm, same order); the format follows the suffix."""
     import SimpleITK as sitk  # local import: only the glue needs it
     im = sitk.GetImageFromArray(arr)
     im.SetSpacing([float(s) for s in reversed(spacing)])  # SimpleITK: (x, y, z)
@@ -130,8 +131,8 @@ def make_dataset(raw_root: str, dataset_id: int = 990, name: str = "PGLSynth", n
     os.makedirs(os.path.join(root, "labelsTr"), exist_ok=True)
     for i in range(num_train):
         img, lab = make_case(shape, spacing, rng)
-        _write(img, spacing, os.path.join(root, "imagesTr", f"case_{i:03d}_0000.nii.gz"))
-        _write(lab, spacing, os.path.join(root, "labelsTr", f"case_{i:03d}.nii.gz"))
+        write_image(img, spacing, os.path.join(root, "imagesTr", f"case_{i:03d}_0000.nii.gz"))
+        write_image(lab, spacing, os.path.join(root, "labelsTr", f"case_{i:03d}.nii.gz"))
     with open(os.path.join(root, "dataset.json"), "w") as f:
         json.dump({"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": num_train,
                    "file_ending": ".nii.gz", "name": name,
@@ -142,6 +143,6 @@ def make_dataset(raw_root: str, dataset_id: int = 990, name: str = "PGLSynth", n
         os.makedirs(ud, exist_ok=True)
         for i in range(num_unlabeled):
             img, _ = make_case(shape, spacing, rng)
-            _write(img, spacing, os.path.join(ud, f"unl_{i:03d}{unlabeled_formats[i % len(unlabeled_formats)]}"))
+            write_image(img, spacing, os.path.join(ud, f"unl_{i:03d}{unlabeled_formats[i % len(unlabeled_formats)]}"))
         out["unlabeled"] = ud
     return out
