@@ -87,7 +87,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "mypy"],
+        "test": ["pytest", "mypy>=2.4,<3"],  # tests/test_typing.py: a new major release may change what it reports
     },
     entry_points={
         "console_scripts": [
