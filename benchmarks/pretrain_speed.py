@@ -237,6 +237,26 @@ def _loader_only(args, name: str, device) -> None:
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}, f, indent=2)
 
 
+def start_synthetic_epoch(trainer: Any, bs: int, device) -> Dict[str, Any]:
+    """Start an epoch of an initialised pretrainer without its loader; return a synthetic loader batch: each pair's
+    two regions of random values, offsets drawn as the loader draws them (kept on the host, as pinned loader batches
+    are)."""
+    import torch
+
+    from nnunet_pgl.pretraining.loader import region_size_for
+    from nnunet_pgl.views import draw_pair_offsets
+    cfg = trainer.pgl_config
+    patch = list(trainer.configuration_manager.patch_size)
+    region = region_size_for(patch, cfg.scale_range[1])
+    delta = draw_pair_offsets(bs, region, patch, tuple(cfg.scale_range), cfg.min_overlap,
+                              torch.Generator().manual_seed(0))
+    trainer.dataloader_train = None
+    trainer.on_epoch_start()
+    trainer.on_train_epoch_start()
+    return {"data": torch.randn(bs, 2, trainer.num_input_channels, *region, device=device),
+            "offset": torch.stack([torch.zeros_like(delta), delta], dim=1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true")
@@ -283,9 +303,7 @@ def main() -> None:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnunet_pgl.pretraining.loader import region_size_for
     from nnunet_pgl.pretraining.pretrainer import nnUNetPretrainerPGL
-    from nnunet_pgl.views import draw_pair_offsets
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.loader_only:
@@ -335,16 +353,7 @@ def main() -> None:
 
     pgl = trainer(nnUNetPretrainerPGL)
     cfg = pgl.pgl_config
-    region = region_size_for(patch, cfg.scale_range[1])
-    # a loader batch: each pair's two regions, offsets drawn as the loader draws them (kept on the host, as pinned
-    # loader batches are)
-    delta = draw_pair_offsets(bs, region, patch, tuple(cfg.scale_range), cfg.min_overlap,
-                              torch.Generator().manual_seed(0))
-    batch = {"data": torch.randn(bs, 2, pgl.num_input_channels, *region, device=device),
-             "offset": torch.stack([torch.zeros_like(delta), delta], dim=1)}
-    pgl.dataloader_train = None
-    pgl.on_epoch_start()
-    pgl.on_train_epoch_start()
+    batch = start_synthetic_epoch(pgl, bs, device)
     def pgl_step():
         pgl.train_step(batch)
 
@@ -387,8 +396,8 @@ def main() -> None:
     print(f"data wait of a short real pgl_pretrain run (4 workers): "
           f"{'not measured' if wait is None else '%.2f %%' % (100 * wait)}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        from nnunet_pgl.pretraining.atomic import atomic_write_json
+        atomic_write_json(args.json, results, indent=2)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ epochs, so this is the worst epoch's share), and the collapse statistics' share 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -77,9 +76,9 @@ def main() -> None:
 
     from nnunet_pgl.collapse import CollapseMonitor
     from nnunet_pgl.evaluation.probe import build_probe_set, probe_network
-    from nnunet_pgl.pretraining.loader import region_size_for
     from nnunet_pgl.pretraining.pretrainer import nnUNetPretrainerPGL
-    from nnunet_pgl.views import draw_pair_offsets, make_view_pair
+    from nnunet_pgl.views import make_view_pair
+    from pretrain_speed import start_synthetic_epoch  # benchmarks/ (this script's folder) is on sys.path
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = maybe_convert_to_dataset_name(args.dataset)
@@ -99,14 +98,7 @@ def main() -> None:
     ps = build_probe_set(base, t.preprocessed_dataset_folder, patch, t.label_manager, n_cases, None, n_samples)
     build = (time.perf_counter() - w0, time.process_time() - c0)
 
-    region = region_size_for(patch, cfg.scale_range[1])
-    delta = draw_pair_offsets(bs, region, patch, tuple(cfg.scale_range), cfg.min_overlap,
-                              torch.Generator().manual_seed(0))
-    batch = {"data": torch.randn(bs, 2, t.num_input_channels, *region, device=device),
-             "offset": torch.stack([torch.zeros_like(delta), delta], dim=1)}
-    t.dataloader_train = None
-    t.on_epoch_start()
-    t.on_train_epoch_start()
+    batch = start_synthetic_epoch(t, bs, device)
     levels = t.probe_levels
 
     # one step's target output, for the collapse statistics
@@ -149,6 +141,9 @@ def main() -> None:
         "probe_share_of_epoch": [med["probe"][i] / epoch[i] for i in (0, 1)],
         "collapse_share_of_steps": [med["collapse"][i] / (cfg.collapse_every * med["step"][i]) for i in (0, 1)],
     }
+    if args.json:  # written first: the numbers survive a broken pipe on the printout
+        from nnunet_pgl.pretraining.atomic import atomic_write_json
+        atomic_write_json(args.json, res, indent=2)
     print(f"{name} {args.configuration} patch {patch} batch {bs} levels {levels} on {res['device']} "
           f"({res['torch_threads']} torch threads); probe {n_cases} cases, {n_samples} voxels per class")
     for k in ("step", "probe", "collapse"):
@@ -158,9 +153,6 @@ def main() -> None:
           f"CPU {100 * res['probe_share_of_epoch'][1]:.2f} %")
     print(f"  collapse statistics / the {cfg.collapse_every} steps between two updates: wall "
           f"{100 * res['collapse_share_of_steps'][0]:.2f} %, CPU {100 * res['collapse_share_of_steps'][1]:.2f} %")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
 
 
 if __name__ == "__main__":

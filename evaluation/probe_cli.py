@@ -20,16 +20,15 @@ import sys
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 RANDOM = "random"
+DESCRIPTION = ("Score how well frozen network features separate a dataset's classes: a multinomial logistic "
+               "regression per feature level (and on all levels together) is fitted on voxels of some labeled "
+               "training cases and scored (mean foreground F1 = Dice of the probe) on others. Compares "
+               "pretrainings (PGL, BYOL, pgl+byol), nnU-Net checkpoints and random init without fine-tuning. "
+               "The same probe runs inside pgl_pretrain.")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pgl_probe",
-        description="Score how well frozen network features separate a dataset's classes: a multinomial logistic "
-                    "regression per feature level (and on all levels together) is fitted on voxels of some labeled "
-                    "training cases and scored (mean foreground F1 = Dice of the probe) on others. Compares "
-                    "pretrainings (PGL, BYOL, pgl+byol), nnU-Net checkpoints and random init without fine-tuning. "
-                    "The same probe runs inside pgl_pretrain.")
+    p = argparse.ArgumentParser(prog="pgl_probe", description=DESCRIPTION)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="checkpoint files (pgl_pretrain's checkpoint_final.pth / checkpoint_latest.pth, or an nnU-Net "
                         "checkpoint with network_weights) or the word 'random' (random init, seeded by --seed)")

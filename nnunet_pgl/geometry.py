@@ -150,21 +150,28 @@ def _triple(v: object, name: str, module: nn.Module) -> Tuple[int, int, int]:
     return int(t[0]), int(t[1]), int(t[2])
 
 
-class _BoxConv(nn.Module):
-    """A convolution's geometry: a box window with its kernel, stride, dilation and padding."""
+class _BoxWindow(nn.Module):
+    """The kernel, stride and dilation of a (transposed) convolution, and the axis being measured."""
 
-    def __init__(self, conv: nn.modules.conv._ConvNd, axis: _Axis):
+    def __init__(self, conv: nn.Module, axis: _Axis):
         super().__init__()
         self.kernel = _triple(conv.kernel_size, "kernel", conv)
         self.stride = _triple(conv.stride, "stride", conv)
         self.dilation = _triple(conv.dilation, "dilation", conv)
+        self.axis = axis
+
+
+class _BoxConv(_BoxWindow):
+    """A convolution's geometry: a box window with its kernel, stride, dilation and padding."""
+
+    def __init__(self, conv: nn.modules.conv._ConvNd, axis: _Axis):
+        super().__init__(conv, axis)
         pad = conv.padding
         if isinstance(pad, str):                                   # 'valid' / 'same' (torch's split of 'same')
             tot = [0 if pad == "valid" else d * (k - 1) for d, k in zip(self.dilation, self.kernel)]
             self.pad = [(t // 2, t - t // 2) for t in tot]
         else:
             self.pad = [(p, p) for p in _triple(pad, "padding", conv)]
-        self.axis = axis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.axis.axis
@@ -172,17 +179,13 @@ class _BoxConv(nn.Module):
         return _pair(_windows(pos, 2 + a, self.kernel[a], self.stride[a], self.dilation[a]))
 
 
-class _BoxConvTranspose(nn.Module):
+class _BoxConvTranspose(_BoxWindow):
     """A transposed convolution's geometry: every input voxel spread evenly over the outputs its kernel reaches."""
 
     def __init__(self, conv: nn.modules.conv._ConvTransposeNd, axis: _Axis):
-        super().__init__()
-        self.kernel = _triple(conv.kernel_size, "kernel", conv)
-        self.stride = _triple(conv.stride, "stride", conv)
-        self.dilation = _triple(conv.dilation, "dilation", conv)
+        super().__init__(conv, axis)
         self.pad = _triple(conv.padding, "padding", conv)
         self.out_pad = _triple(conv.output_padding, "output_padding", conv)
-        self.axis = axis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.axis.axis

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=None, metavar="N",
                    help="Write checkpoint_latest.pth every N epochs (default 5): what --c resumes from after a "
                         "kill or preemption. Lower it on preemptible nodes.")
-    p.add_argument("--probe-cases", type=int, default=None, metavar="N",
+    p.add_argument("--probe-cases", metavar="N", type=int, default=None,
                    help="Labeled training cases of the dense linear probe (default 8: half to fit it, half to score "
                         "it; fold K's validation cases are never used with --exclude-fold K). The probe scores the "
                         "frozen features at the start, every --save-every epochs and at the end.")
