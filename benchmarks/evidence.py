@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 DATASET_ID, DATASET_NAME = 996, "PGLEvidence"
 DATASET = f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
 PLANS, CONFIGURATION, FOLD = "nnUNetPlans_evidence", "3d_fullres", 0
-PRETRAINER = {"pgl": "nnUNetPretrainerPGL", "byol": "nnUNetPretrainerBYOL", "pgl+byol": "nnUNetPretrainerPGLBYOL"}
+METHODS = ("pgl", "byol", "pgl+byol")  # pgl_pretrain --method; the pretrainers: nnunet_pgl.pretraining.contract
 BIN = os.path.dirname(sys.executable)
 RANDOM_ROW = "random init"
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, nargs=3, default=[2.5, 1.0, 1.0], metavar=("Z", "Y", "X"))
     p.add_argument("--patch", type=int, nargs=3, default=[24, 48, 48], metavar=("Z", "Y", "X"),
                    help="network patch (must be divisible by the pooling nnU-Net's planner chooses for it)")
-    p.add_argument("--methods", nargs="+", default=["pgl", "byol", "pgl+byol"], choices=sorted(PRETRAINER))
+    p.add_argument("--methods", nargs="+", default=["pgl", "byol", "pgl+byol"], choices=METHODS)
     p.add_argument("--pretrain-epochs", type=int, default=8, help="the pretraining budget: epochs ...")
     p.add_argument("--pretrain-iters", type=int, default=100, help="... x iterations per epoch, for every method")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="fine-tuning seeds (nnUNet_pgl_seed)")
@@ -196,11 +196,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         save()
 
     # 2. pretraining, one per method, same budget
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
+    from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
+
+    from nnunet_pgl.pretraining.contract import PRETRAINER_BY_METHOD, pretraining_checkpoint
     checkpoints: Dict[str, str] = {}
     for m in args.methods:
-        ck = os.path.join(get_output_folder(DATASET, PRETRAINER[m], PLANS, CONFIGURATION, FOLD),
-                          "checkpoint_final.pth")
+        ck = pretraining_checkpoint(DATASET, PLANS, CONFIGURATION, PRETRAINER_BY_METHOD[m], FOLD)
         checkpoints[m] = ck
         if not os.path.isfile(ck):
             print(f"[2] pgl_pretrain --method {m}", flush=True)
@@ -234,8 +235,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         for arm in args.methods + ["scratch"]:
             res_dir = os.path.join(work, "finetune", f"{arm.replace('+', '_')}_seed{seed}")
             trainer = scratch_tr if arm == "scratch" else pgl_tr
-            summary = os.path.join(res_dir, DATASET, f"{trainer}__{PLANS}__{CONFIGURATION}", f"fold_{FOLD}",
-                                   "validation", "summary.json")
+            summary = os.path.join(res_dir, DATASET, convert_trainer_plans_config_to_identifier(
+                trainer, PLANS, CONFIGURATION), f"fold_{FOLD}", "validation", "summary.json")
             if not os.path.isfile(summary):
                 print(f"[4] fine-tune {arm}, seed {seed}", flush=True)
                 extra = {"nnUNet_results": res_dir, "nnUNet_pgl_seed": str(seed)}
