@@ -59,8 +59,8 @@ def sample_voxels(labels: torch.Tensor, num_per_class: int, generator: Optional[
         cls.append(torch.full((k,), int(c), dtype=torch.long))
         wts.append(torch.full((k,), n / k, dtype=torch.float32))
     if not idx:
-        empty = torch.zeros(0, dtype=torch.long)
-        return (torch.zeros(0, 3, dtype=torch.long, device=labels.device), empty.to(labels.device),
+        return (torch.zeros(0, 3, dtype=torch.long, device=labels.device),
+                torch.zeros(0, dtype=torch.long, device=labels.device),
                 torch.zeros(0, dtype=torch.float32, device=labels.device))
     flat_idx = torch.cat(idx)
     z, rest = flat_idx // (labels.shape[1] * labels.shape[2]), flat_idx % (labels.shape[1] * labels.shape[2])

@@ -63,10 +63,11 @@ def planned_dataset(dataset: Union[str, int], plans: str, configuration: str) ->
         have = sorted(f[:-5] for f in os.listdir(base) if f.endswith("Plans.json")) if isdir(base) else []
         raise PretrainError(f"no plans '{plans}' for {name} (found: {have or 'none'}). Plan first: {hint}, or pass -p "
                             "with one of those")
-    if configuration not in load_json(plans_file)["configurations"]:
+    plans_dict = load_json(plans_file)
+    if configuration not in plans_dict["configurations"]:
         raise PretrainError(f"configuration '{configuration}' is not in plans {plans} (available: "
-                            f"{sorted(load_json(plans_file)['configurations'])})")
-    pm = PlansManager(plans_file)
+                            f"{sorted(plans_dict['configurations'])})")
+    pm = PlansManager(plans_dict)
     cm = pm.get_configuration(configuration)
     if len(cm.patch_size) != 3:
         raise PretrainError(f"configuration '{configuration}' is 2D; PGL pretrains 3D networks (use 3d_fullres)")
