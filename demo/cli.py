@@ -18,8 +18,8 @@ Fine-tuning is seeded (``nnUNet_pgl_seed`` = ``--seed``), so on CPU a rerun repr
 folders are subfolders of ``--out``: the user's ``nnUNet_raw``/``nnUNet_preprocessed``/``nnUNet_results`` are never
 read or written.
 
-This module is the command (:func:`build_parser`, :func:`main` as its steps) and the demo's names in one place
-(``__all__``); the steps' work is in :mod:`.config`, :mod:`.stages`, :mod:`.report` and :mod:`.synthetic`.
+This module is the command (:func:`build_parser`, :func:`main` as its steps); the steps' work is in :mod:`.config`,
+:mod:`.stages`, :mod:`.report` and :mod:`.synthetic`.
 """
 from __future__ import annotations
 
@@ -31,23 +31,13 @@ import time
 from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .config import (DATASET, DATASET_ID, DATASET_NAME, MARKER, NNUNET_DIRS, PRESETS, REPORT_JSON, REPORT_MD,
+from .config import (DATASET_ID, DATASET_NAME, NNUNET_DIRS, PRESETS, REPORT_JSON, REPORT_MD,
                      STAGE_TITLES, STAGES, DemoConfig, DemoError, resolve)
 from .report import (DemoOutcome, dice_table, duration, git_revision, number, probe_note, probe_table, read_dice,
-                     read_probe, render_report, summary_path, time_table, write_reports)
+                     read_probe, summary_path, time_table, write_reports)
 from .stages import (StageFailed, demo_env, prepare_out, run_stage, stage_commands, stage_descriptions, stage_env,
                      tail)
 from .synthetic import LABELS, make_dataset
-
-__all__ = [
-    "main", "build_parser", "configure",
-    "DATASET", "DATASET_ID", "DATASET_NAME", "MARKER", "NNUNET_DIRS", "PRESETS", "REPORT_JSON", "REPORT_MD", "STAGES",
-    "DemoConfig", "DemoError", "resolve",
-    "DemoOutcome", "dice_table", "git_revision", "probe_table", "read_dice", "read_probe", "render_report",
-    "summary_path", "time_table", "write_reports",
-    "StageFailed", "demo_env", "prepare_out", "run_stage", "stage_commands", "stage_env", "LABELS",
-]
-
 
 def _presets_help() -> str:
     lines = ["presets (a flag overrides one value of the preset):"]

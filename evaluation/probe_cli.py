@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 RANDOM = "random"
 DESCRIPTION = ("Score how well frozen network features separate a dataset's classes: a multinomial logistic "
@@ -147,38 +147,6 @@ def plot_results(results: Dict[str, Dict[str, Any]], path: str, title: str) -> N
     plt.close(fig)
 
 
-def open_dataset(dataset: str, plans: str, configuration: str) -> Tuple[str, str, Any, Any, str, Dict[str, Any]]:
-    """``(name, base, plans_manager, configuration_manager, data_folder, dataset_json)`` of a planned and
-    preprocessed dataset, or exit with what to run."""
-    from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    if not nnUNet_preprocessed:
-        _fail("$nnUNet_preprocessed is not set. Set nnUNet_raw, nnUNet_preprocessed and nnUNet_results as for nnU-Net")
-    try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError:
-        _fail(f"dataset {dataset} is not in $nnUNet_preprocessed ({nnUNet_preprocessed}). Plan and preprocess it "
-              f"first: nnUNetv2_plan_and_preprocess -d {dataset} -c {configuration}")
-    base = join(nnUNet_preprocessed, name)
-    plans_file = join(base, plans + ".json")
-    if not isfile(plans_file):
-        _fail(f"no plans '{plans}' for {name} ({plans_file} does not exist); give -p with the plans of the "
-              "checkpoints")
-    pm = PlansManager(plans_file)
-    if configuration not in pm.available_configurations:
-        _fail(f"configuration '{configuration}' is not in plans {plans} (available: "
-              f"{sorted(pm.available_configurations)})")
-    cm = pm.get_configuration(configuration)
-    data_folder = join(base, cm.data_identifier)
-    if not isdir(data_folder):
-        _fail(f"{data_folder} does not exist. Preprocess: nnUNetv2_preprocess -d {dataset} -c "
-              f"{configuration} -plans_name {plans}")
-    return name, base, pm, cm, data_folder, load_json(join(base, "dataset.json"))
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     import torch
@@ -188,10 +156,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     from nnunet_pgl.evaluation.probe import (DEFAULT_CASES, DEFAULT_SAMPLES_PER_CLASS, ProbeUnavailable,
                                              build_probe_set)
     from nnunet_pgl.features import check_levels, default_levels, level_strides
+    from nnunet_pgl.pretraining.run import PretrainError, planned_dataset
 
-    name, base, pm, cm, data_folder, dataset_json = open_dataset(args.dataset, args.plans, args.configuration)
-    lm = pm.get_label_manager(dataset_json)
-    n_in = determine_num_input_channels(pm, cm, dataset_json)
+    try:
+        ds = planned_dataset(args.dataset, args.plans, args.configuration, need_results=False)
+    except PretrainError as e:
+        _fail(str(e))
+    name, base, pm, cm = ds.name, ds.base, ds.plans_manager, ds.configuration_manager
+    data_folder = os.path.join(base, cm.data_identifier)
+    lm = pm.get_label_manager(ds.dataset_json)
+    n_in = determine_num_input_channels(pm, cm, ds.dataset_json)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         _fail("-device cuda but no CUDA GPU is visible: use -device cpu")

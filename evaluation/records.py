@@ -1,4 +1,4 @@
-"""The records of ``pgl_compare``: dataclasses that read like the JSON they are written as."""
+"""The records of ``pgl_compare``: dataclasses written as its JSON, field by field."""
 from __future__ import annotations
 
 import math
@@ -11,15 +11,9 @@ import numpy as np
 class Record:
     """Base of ``pgl_compare``'s dataclasses.
 
-    A field reads as an attribute (``stats.mean_diff``) or by its key, like the JSON the record is written as
-    (``stats["mean_diff"]``). :meth:`to_json` writes :meth:`json_fields` in their declared order, which is the
-    order of the JSON's keys.
+    :meth:`to_json` writes :meth:`json_fields` in their declared order, which is the order of the JSON's keys (the
+    field names: ``stats.mean_diff`` is written as ``"mean_diff"``).
     """
-
-    def __getitem__(self, key: str) -> Any:
-        if not is_dataclass(self) or key not in {f.name for f in fields(self)}:
-            raise KeyError(key)
-        return getattr(self, key)
 
     def json_fields(self) -> List[str]:
         """The fields the JSON holds, in order: all of them, unless a record leaves some out."""

@@ -133,47 +133,47 @@ def _stats_row(first: str, s: PairedStats) -> str:
 
 def leakage_lines(guard: Sequence[LeakReport], dataset: str, configuration: str, plans: str) -> List[str]:
     """The prominent lines at the top of the report: one per leaking (checkpoint, fold) and how to fix it, or
-    'no leakage'. Reads the reports by key, so their JSON form (dicts with the same keys) works as well."""
+    'no leakage'."""
     from nnunet_pgl.pretraining.contract import pretrain_command
     lines = []
     checked_any = False
     fixes = []
     for e in guard:
-        if e["error"]:
-            lines.append(f"**Leakage guard: could not check {', '.join(e['arms'])}: {e['error']}.**")
+        if e.error:
+            lines.append(f"**Leakage guard: could not check {', '.join(e.arms)}: {e.error}.**")
             continue
-        who = f"{e['pretrainer']} checkpoint of {', '.join(e['arms'])}" if len(guard) > 1 else ""
+        who = f"{e.pretrainer} checkpoint of {', '.join(e.arms)}" if len(guard) > 1 else ""
         leaked_folds = []
-        for fold, r in sorted(e["folds"].items()):
+        for fold, r in sorted(e.folds.items()):
             checked_any = True
-            if not r["leaked"]:
+            if not r.leaked:
                 continue
             leaked_folds.append(fold)
-            k, n = len(r["leaked"]), r["n_val"]
-            parts = ([who] if who else []) + ([f"labeled images: {', '.join(r['labeled'])}"] if r["labeled"] else [])
-            if r["unlabeled"]:
+            k, n = len(r.leaked), r.n_val
+            parts = ([who] if who else []) + ([f"labeled images: {', '.join(r.labeled)}"] if r.labeled else [])
+            if r.unlabeled:
                 parts.append("unlabeled copies: " + "; ".join(
-                    f"{u['case_id']} = {', '.join(u['source']) or u['pretrain_case_id']}" for u in r["unlabeled"]))
+                    f"{u['case_id']} = {', '.join(u['source']) or u['pretrain_case_id']}" for u in r.unlabeled))
             lines.append(f"**LEAKAGE: {k} of {n} validation cases of fold {fold} were seen in pretraining; rerun "
                          f"pgl_pretrain --exclude-fold {fold}** ({'; '.join(parts)})")
         if leaked_folds:
-            fix = (f"To fix ({e['pretrainer']}): `{pretrain_command(dataset, configuration, plans, e['pretrainer'])} "
+            fix = (f"To fix ({e.pretrainer}): `{pretrain_command(dataset, configuration, plans, e.pretrainer)} "
                    f"--folds {' '.join(map(str, leaked_folds))}` (one pretraining per fold, each written to its own "
                    "fold_K folder, which the PGL trainers then use for fold K without `nnUNet_pgl_weights`), then "
                    "train those folds again (delete their fold_K result folders first)")
-            if any(r["unlabeled"] for r in e["folds"].values()):
+            if any(r.unlabeled for r in e.folds.values()):
                 fix += ("; --exclude-fold leaves out labeled images only: remove the listed copies from the "
                         "--unlabeled folders")
             fixes.append(fix + ".")
     lines += fixes
     if checked_any and not any(ln.startswith("**LEAKAGE") for ln in lines):
-        n_by_fold = {k: r["n_val"] for e in guard if not e["error"] for k, r in e["folds"].items()}
-        ckpts = [f"`{e['checkpoint']}`" for e in guard if not e["error"]]
+        n_by_fold = {k: r.n_val for e in guard if not e.error for k, r in e.folds.items()}
+        ckpts = [f"`{e.checkpoint}`" for e in guard if not e.error]
         lines.append(f"**Leakage guard: no leakage** — none of the {sum(n_by_fold.values())} validation cases of "
                      f"fold{'s' if len(n_by_fold) > 1 else ''} {' '.join(map(str, sorted(n_by_fold)))} was seen in "
                      f"pretraining ({', '.join(ckpts)}).")
     for e in guard:
-        unchecked = sorted({c for r in e["folds"].values() for c in r["unchecked"]})
+        unchecked = sorted({c for r in e.folds.values() for c in r.unchecked})
         if unchecked:
             lines.append(f"**Leakage guard: raw images of {len(unchecked)} validation case(s) not found "
                          f"({', '.join(unchecked[:10])}{', ...' if len(unchecked) > 10 else ''}): their unlabeled "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from batchgenerators.utilities.file_and_folder_operations import isdir, isfile, join, load_json
 
@@ -41,13 +41,17 @@ class PlannedDataset:
     dataset_json: Dict[str, Any]
 
 
-def planned_dataset(dataset: Union[str, int], plans: str, configuration: str) -> PlannedDataset:
-    """Check that ``dataset`` is planned with ``plans`` for the 3D ``configuration`` and preprocessed."""
+def planned_dataset(dataset: Union[str, int], plans: str, configuration: str,
+                    need_results: bool = True) -> PlannedDataset:
+    """Check that ``dataset`` is planned with ``plans`` for the 3D ``configuration`` and preprocessed (and, with
+    ``need_results``, that ``$nnUNet_results`` is set: readers such as ``pgl_probe`` write nothing there)."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    for var, val in (("nnUNet_preprocessed", nnUNet_preprocessed), ("nnUNet_results", nnUNet_results)):
+    needed = (("nnUNet_preprocessed", nnUNet_preprocessed),) + ((("nnUNet_results", nnUNet_results),)
+                                                              if need_results else ())
+    for var, val in needed:
         if not val:
             raise PretrainError(f"${var} is not set. Set nnUNet_raw, nnUNet_preprocessed and nnUNet_results as for "
                                 "nnU-Net")
@@ -70,7 +74,8 @@ def planned_dataset(dataset: Union[str, int], plans: str, configuration: str) ->
     pm = PlansManager(plans_dict)
     cm = pm.get_configuration(configuration)
     if len(cm.patch_size) != 3:
-        raise PretrainError(f"configuration '{configuration}' is 2D; PGL pretrains 3D networks (use 3d_fullres)")
+        raise PretrainError(f"configuration '{configuration}' is 2D; PGL pretrains and probes 3D networks (use "
+                            "3d_fullres)")
     data_dir = join(base, cm.data_identifier)
     if not isdir(data_dir) or not any(f.endswith((".b2nd", ".npz", ".npy")) for f in os.listdir(data_dir)):
         raise PretrainError(f"{data_dir} holds no preprocessed cases. Preprocess: nnUNetv2_preprocess -d {dataset} "
@@ -250,22 +255,23 @@ def run_torchrun(dataset_name: str, configuration: str, trainer: str, plans: str
 
 
 def fold_state(dataset: Union[str, int], method: str, plans: str, configuration: str, fold: int,
-               epochs: Optional[int]) -> str:
-    """``'finished'``, ``'extend'`` (finished, and ``epochs`` asks for more), ``'resume'`` (has a checkpoint) or
-    ``'start'``: what ``--folds`` does with fold ``fold``."""
+               epochs: Optional[int]) -> Tuple[str, Optional[str]]:
+    """What ``--folds`` does with fold ``fold`` — ``'finished'``, ``'extend'`` (finished, and ``epochs`` asks for
+    more), ``'resume'`` (has a checkpoint) or ``'start'`` — and the fold's output folder (None when
+    ``$nnUNet_results`` or the dataset is unknown: the run itself then says what to do)."""
     from nnunetv2.paths import nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     if not nnUNet_results:
-        return "start"
+        return "start", None
     try:
         out = pretraining_folder(maybe_convert_to_dataset_name(dataset), PRETRAINER_BY_METHOD[method], plans,
                                  configuration, fold)
-    except RuntimeError:  # unknown dataset: the run says what to do
-        return "start"
+    except RuntimeError:
+        return "start", None
     if isfile(join(out, FINAL_CHECKPOINT)):
         prev = PretrainConfig.load(join(out, CONFIG_FILE)) if isfile(join(out, CONFIG_FILE)) else None
-        return "extend" if epochs is not None and prev is not None and epochs > prev.epochs else "finished"
-    return "resume" if isfile(join(out, "checkpoint_latest.pth")) else "start"
+        return ("extend" if epochs is not None and prev is not None and epochs > prev.epochs else "finished"), out
+    return ("resume" if isfile(join(out, "checkpoint_latest.pth")) else "start"), out
 
 
 def pretrain_folds(dataset: Union[str, int], folds: Sequence[int], configuration: str = "3d_fullres",
@@ -287,12 +293,10 @@ def pretrain_folds(dataset: Union[str, int], folds: Sequence[int], configuration
     asked_c = bool(kwargs.pop("continue_training", False))
     done: List[int] = []
     for i, k in enumerate(todo):
-        state = fold_state(dataset, kwargs.get("method", "pgl"), plans, configuration, k, kwargs.get("epochs"))
+        state, out = fold_state(dataset, kwargs.get("method", "pgl"), plans, configuration, k, kwargs.get("epochs"))
         tag = f"pgl_pretrain --folds: fold {k} ({i + 1}/{len(todo)})"
         if state == "finished":
-            out = pretraining_folder(_name(dataset), PRETRAINER_BY_METHOD[kwargs.get("method", "pgl")], plans,
-                                     configuration, k)
-            print(f"{tag}: finished ({join(out, FINAL_CHECKPOINT)}), skipped", flush=True)
+            print(f"{tag}: finished ({join(str(out), FINAL_CHECKPOINT)}), skipped", flush=True)
         else:
             what = {"start": "starting", "resume": "resuming from checkpoint_latest.pth",
                     "extend": f"extending to {kwargs.get('epochs')} epochs"}[state]
@@ -303,8 +307,3 @@ def pretrain_folds(dataset: Union[str, int], folds: Sequence[int], configuration
     print(f"pgl_pretrain --folds: folds {' '.join(map(str, done))} done; nnUNetTrainerPGL uses fold_K for fold K",
           flush=True)
     return done
-
-
-def _name(dataset: Union[str, int]) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    return maybe_convert_to_dataset_name(dataset)

@@ -76,10 +76,10 @@ def test_bootstrap_ci_excludes_or_contains_zero_and_is_seeded():
 def test_win_loss_tie_and_paired_stats_drop_nan_pairs():
     assert S.win_loss_tie([0.1, -0.2, 0.0, 0.3]) == (2, 1, 1)
     s = S.paired_stats([0.9, 0.8, float("nan"), 0.5, 0.7], [0.7, 0.9, 0.6, 0.5, float("nan")], n_boot=200)
-    assert s["n"] == 3 and s["n_nan"] == 2
-    assert (s["wins"], s["losses"], s["ties"]) == (1, 1, 1)
-    assert s["mean_diff"] == pytest.approx((0.2 - 0.1 + 0.0) / 3)
-    assert s["mean_a"] == pytest.approx((0.9 + 0.8 + 0.5) / 3) and s["mean_b"] == pytest.approx((0.7 + 0.9 + 0.5) / 3)
+    assert s.n == 3 and s.n_nan == 2
+    assert (s.wins, s.losses, s.ties) == (1, 1, 1)
+    assert s.mean_diff == pytest.approx((0.2 - 0.1 + 0.0) / 3)
+    assert s.mean_a == pytest.approx((0.9 + 0.8 + 0.5) / 3) and s.mean_b == pytest.approx((0.7 + 0.9 + 0.5) / 3)
     with pytest.raises(ValueError, match="same number"):
         S.paired_stats([1.0], [1.0, 2.0])
 
@@ -128,30 +128,30 @@ def test_pairing_by_case_id_across_folds(tmp_path):
     res = _fake_results(tmp_path)
     a = RS.collect_arm(str(res), "nnUNetTrainerPGL_smoke", "nnUNetPlans", "3d_fullres", [0, 1, 2], ".nii.gz")
     b = RS.collect_arm(str(res), "nnUNetTrainerScratch_smoke", "nnUNetPlans", "3d_fullres", [0, 1, 2], ".nii.gz")
-    assert a["folds_found"] == [0, 1] and a["folds_missing"] == [2]
+    assert a.folds_found == [0, 1] and a.folds_missing == [2]
     c = RS.compare_arms(a, b, n_boot=500, seed=0)
-    assert c["n_cases"] == 4 and c["labels"] == ["1", "2"]
-    liver = {x["case_id"]: x["diff"] for x in c["classes"]["1"]["cases"]}
+    assert c.n_cases == 4 and c.labels == ["1", "2"]
+    liver = {x.case_id: x.diff for x in c.classes["1"].cases}
     assert liver == pytest.approx({"c0": 0.05, "c1": 0.10, "c2": -0.05, "c3": 0.10})
-    s = c["classes"]["1"]["Dice"]
-    assert s["mean_diff"] == pytest.approx(0.05) and (s["wins"], s["losses"], s["ties"]) == (3, 1, 0)
+    s = c.classes["1"].Dice
+    assert s.mean_diff == pytest.approx(0.05) and (s.wins, s.losses, s.ties) == (3, 1, 0)
     # ranks of |d| = .05, .05, .1, .1 -> 1.5, 1.5, 3.5, 3.5; W- = 1.5 (c2)
     from scipy.stats import wilcoxon
-    assert s["p"] == pytest.approx(wilcoxon([0.05, 0.10, -0.05, 0.10]).pvalue)
-    kidney = c["classes"]["2"]
-    assert kidney["Dice"]["n"] == 3 and kidney["Dice"]["n_nan"] == 1  # c1 has no kidney in arm A (NaN)
-    assert kidney["Dice"]["mean_diff"] == pytest.approx((0.0 + 0.1 + 0.1) / 3)
+    assert s.p == pytest.approx(wilcoxon([0.05, 0.10, -0.05, 0.10]).pvalue)
+    kidney = c.classes["2"]
+    assert kidney.Dice.n == 3 and kidney.Dice.n_nan == 1  # c1 has no kidney in arm A (NaN)
+    assert kidney.Dice.mean_diff == pytest.approx((0.0 + 0.1 + 0.1) / 3)
     # nnU-Net's means: NaN left out of the class mean, foreground = mean of the class means
-    assert kidney["mean_a"]["Dice"] == pytest.approx((0.6 + 0.7 + 0.5) / 3)
-    assert kidney["mean_b"]["Dice"] == pytest.approx((0.7 + 0.5 + 0.4 + 0.3) / 4)
-    fg = c["classes"][RS.OVERALL]
-    assert fg["mean_a"]["Dice"] == pytest.approx(((0.9 + 0.8 + 0.7 + 0.6) / 4 + 0.6) / 2)
+    assert kidney.mean_a["Dice"] == pytest.approx((0.6 + 0.7 + 0.5) / 3)
+    assert kidney.mean_b["Dice"] == pytest.approx((0.7 + 0.5 + 0.4 + 0.3) / 4)
+    fg = c.classes[RS.OVERALL]
+    assert fg.mean_a["Dice"] == pytest.approx(((0.9 + 0.8 + 0.7 + 0.6) / 4 + 0.6) / 2)
     # per-case foreground value: mean of the case's non-NaN classes (c1 in arm A: liver only)
-    per_case = {x["case_id"]: (x["a"], x["b"]) for x in fg["cases"]}
+    per_case = {x.case_id: (x.a, x.b) for x in fg.cases}
     assert per_case["c1"] == pytest.approx((0.70, (0.60 + 0.30) / 2))
-    assert [f["fold"] for f in c["per_fold"]] == [0, 1] and c["per_fold"][0]["n"] == 2
+    assert [f.fold for f in c.per_fold] == [0, 1] and c.per_fold[0].n == 2
     # FP: 3 per case where a class is present, 0 for the absent kidney of c1 -> kidney (3+3+3+0)/4, liver 3
-    assert c["classes"]["2"]["mean_a"]["FP"] == 2.25 and fg["mean_a"]["FP"] == (3 + 2.25) / 2
+    assert c.classes["2"].mean_a["FP"] == 2.25 and fg.mean_a["FP"] == (3 + 2.25) / 2
 
 
 def test_case_validated_in_two_folds_is_an_error(tmp_path):
@@ -186,13 +186,12 @@ def test_find_leaks_labeled_by_id_and_unlabeled_by_raw_hash(tmp_path):
          "sha256": hashlib.sha256(f3[0].read_bytes()).hexdigest(), "source": ["/data/unlabeled/scan7.nii.gz"]},
         {"case_id": "unl_ffffffffffffffff", "kind": "unlabeled", "sha256": "c" * 64, "source": ["/x.nrrd"]}]}
     out = LK.find_leaks(meta, "Dataset990_Fake", {0: ["c0", "c3"], 1: ["c1", "c2"]}, files)
-    assert out[0]["labeled"] == ["c0"] and out[0]["leaked"] == ["c0", "c3"] and out[0]["n_val"] == 2
-    assert out[0]["unlabeled"] == [{"case_id": "c3", "pretrain_case_id": "unl_0123456789abcdef",
+    assert out[0].labeled == ["c0"] and out[0].leaked == ["c0", "c3"] and out[0].n_val == 2
+    assert out[0].unlabeled == [{"case_id": "c3", "pretrain_case_id": "unl_0123456789abcdef",
                                     "source": ["/data/unlabeled/scan7.nii.gz"]}]
-    assert out[1]["leaked"] == [] and out[1]["unchecked"] == ["c2"]
-    lines = RP.leakage_lines([{"error": None, "pretrainer": "nnUNetPretrainerPGL", "checkpoint": "/ck.pth",
-                               "arms": ["nnUNetTrainerPGL"], "folds": out}], "Dataset990_Fake", "3d_fullres",
-                             "nnUNetPlans")
+    assert out[1].leaked == [] and out[1].unchecked == ["c2"]
+    lines = RP.leakage_lines([LK.LeakReport("nnUNetPretrainerPGL", "/ck.pth", arms=["nnUNetTrainerPGL"], folds=out)],
+                             "Dataset990_Fake", "3d_fullres", "nnUNetPlans")
     assert lines[0].startswith("**LEAKAGE: 2 of 2 validation cases of fold 0 were seen in pretraining; rerun "
                                "pgl_pretrain --exclude-fold 0**")
     assert "labeled images: c0" in lines[0] and "scan7.nii.gz" in lines[0]
@@ -204,8 +203,8 @@ def test_find_leaks_labeled_by_id_and_unlabeled_by_raw_hash(tmp_path):
 def test_no_leakage_is_stated():
     meta = {"dataset_name": "D", "cases": [{"case_id": "c9", "kind": "labeled", "sha256": "a" * 64}]}
     out = LK.find_leaks(meta, "D", {0: ["c0", "c1"]}, {})
-    lines = RP.leakage_lines([{"error": None, "pretrainer": "nnUNetPretrainerPGL", "checkpoint": "/ck.pth",
-                               "arms": ["nnUNetTrainerPGL"], "folds": out}], "D", "3d_fullres", "nnUNetPlans")
+    lines = RP.leakage_lines([LK.LeakReport("nnUNetPretrainerPGL", "/ck.pth", arms=["nnUNetTrainerPGL"], folds=out)],
+                             "D", "3d_fullres", "nnUNetPlans")
     assert lines == [lines[0]] and lines[0].startswith("**Leakage guard: no leakage**")
 
 
@@ -231,7 +230,7 @@ def test_raw_hash_matches_what_ingestion_hashes_for_multichannel_cases(tmp_path)
     files = LK.raw_image_files(str(raw), {"file_ending": ".nii.gz"}, ["c7", "c8"])
     assert [os.path.basename(p) for p in files["c7"]] == ["c7_0000.nii.gz", "c7_0001.nii.gz"]
     meta = {"dataset_name": "D", "cases": [{"case_id": "unl_x", "kind": "unlabeled", "sha256": ingested_sha}]}
-    assert LK.find_leaks(meta, "D", {0: ["c7", "c8"]}, files)[0]["leaked"] == ["c7"]
+    assert LK.find_leaks(meta, "D", {0: ["c7", "c8"]}, files)[0].leaked == ["c7"]
 
 
 # ============================================================================================== report rendering
@@ -297,7 +296,7 @@ def test_report_states_no_leakage_and_missing_results_error(tmp_path, monkeypatc
     _fake_project(tmp_path, monkeypatch, leak_case="c_not_in_any_fold")
     r = C.compare("Dataset990_Fake", folds=[0, 1], pair=["nnUNetTrainerPGL_smoke", "nnUNetTrainerScratch_smoke"],
                   n_boot=100, verbose=False)
-    assert open(r["markdown"]).read().split("\n\n")[1].startswith("**Leakage guard: no leakage**")
+    assert open(r.markdown).read().split("\n\n")[1].startswith("**Leakage guard: no leakage**")
     with pytest.raises(SystemExit):
         C.main(["-d", "Dataset990_Fake", "--pair", "nnUNetTrainerPGL_smoke", "nnUNetTrainer"])
     err = capsys.readouterr().err
@@ -328,10 +327,10 @@ def test_training_jobs_resume_states(tmp_path):
     (td / "fold_2").mkdir()
     (td / "fold_2" / "checkpoint_latest.pth").write_bytes(b"x")
     jobs = J.training_jobs(str(res), {1.0: ("T", "U")}, "nnUNetPlans", "3d_fullres", [0, 1, 2, 3])
-    states = {(j["trainer"], j["fold"]): j["state"] for j in jobs}
+    states = {(j.trainer, j.fold): j.state for j in jobs}
     assert states == {("T", 1): "val", ("T", 2): "continue", ("T", 3): "train", ("U", 0): "train",
                       ("U", 1): "train", ("U", 2): "train", ("U", 3): "train"}
-    assert [(j["trainer"], j["fold"]) for j in jobs][:3] == [("U", 0), ("T", 1), ("U", 1)]  # pairs finish early
+    assert [(j.trainer, j.fold) for j in jobs][:3] == [("U", 0), ("T", 1), ("U", 1)]  # pairs finish early
     cmd = J.train_command("Dataset990_Fake", "3d_fullres", 2, "T", "nnUNetPlans", "cpu", "continue")
     assert cmd[1:] == ["Dataset990_Fake", "3d_fullres", "2", "-tr", "T", "-p", "nnUNetPlans", "-device", "cpu", "--c"]
     assert J.train_command("D", "c", 1, "T", "P", "cpu", "val")[-1] == "--val"

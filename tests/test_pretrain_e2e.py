@@ -106,3 +106,18 @@ def test_bad_dataset_messages(planned, tmp_path):
                        text=True)
     assert p.returncode == 2 and "unlabeled folder '/nonexistent/unlabeled' does not exist" in p.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_pgl_probe_checks_the_dataset_like_pgl_pretrain(planned):
+    """pgl_probe shares pgl_pretrain's dataset checks and messages, but does not need $nnUNet_results."""
+    env, _, _ = planned
+    for args, expected in ((["-d", "555"], "nnUNetv2_plan_and_preprocess -d 555"),
+                           (["-d", "991", "-p", "NoSuchPlans"], "no plans 'NoSuchPlans'"),
+                           (["-d", "991", "-c", "3d_nope"], "configuration '3d_nope' is not in plans")):
+        p = subprocess.run([f"{BIN}/pgl_probe", *args, "-device", "cpu", "random"], env=env, capture_output=True,
+                           text=True)
+        assert p.returncode == 2 and p.stderr.startswith("pgl_probe: error: ") and expected in p.stderr, p.stderr
+    no_results = {k: v for k, v in env.items() if k != "nnUNet_results"}
+    p = subprocess.run([f"{BIN}/pgl_probe", "-d", "991", "-c", "2d", "-device", "cpu", "random"], env=no_results,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "configuration '2d' is 2D" in p.stderr and "nnUNet_results" not in p.stderr
