@@ -253,10 +253,10 @@ def test_folds_pretraining_then_leakage_guard_is_clean(planned, tmp_path, monkey
     from nnunet_pgl.evaluation import compare as C
     r = C.compare("991", pair=["nnUNetTrainerPGL_smoke", "nnUNetTrainerScratch_smoke"], n_boot=100, verbose=False)
     n_val = sum(len(s["val"]) for s in splits)
-    assert r["leakage_lines"] == [next(ln for ln in r["leakage_lines"] if ln.startswith("**Leakage guard: no leakage"))]
-    assert f"none of the {n_val} validation cases of folds 0 1 2 3 4 was seen in pretraining" in r["leakage_lines"][0]
-    by_ckpt = {e["checkpoint"]: e for e in r["leakage"]}
+    assert r.leakage_lines == [next(ln for ln in r.leakage_lines if ln.startswith("**Leakage guard: no leakage"))]
+    assert f"none of the {n_val} validation cases of folds 0 1 2 3 4 was seen in pretraining" in r.leakage_lines[0]
+    by_ckpt = {e.checkpoint: e for e in r.leakage}
     assert set(by_ckpt) == {str(base / f"fold_{k}" / "checkpoint_final.pth") for k in range(5)}
     for k in range(5):
         e = by_ckpt[str(base / f"fold_{k}" / "checkpoint_final.pth")]
-        assert list(e["folds"]) == [k] and e["found_by"] == (["training log"] if k == 1 else ["lookup"])
+        assert list(e.folds) == [k] and e.found_by == (["training log"] if k == 1 else ["lookup"])
