@@ -39,6 +39,7 @@ from .stages import (StageFailed, demo_env, prepare_out, run_stage, stage_comman
                      tail)
 from .synthetic import LABELS, make_dataset
 
+
 def _presets_help() -> str:
     lines = ["presets (a flag overrides one value of the preset):"]
     for name, p in PRESETS.items():

@@ -9,8 +9,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
-
+from nnunet_pgl.evaluation.results import fold_dir
 from nnunet_pgl.pretraining.contract import METHODS
 
 from .config import CONFIGURATION, DATASET, FOLD, PLANS, REPORT_JSON, REPORT_MD, STAGE_TITLES, STAGES, DemoConfig
@@ -29,15 +28,11 @@ class DemoOutcome:
 
 
 # ------------------------------------------------------------------------------------------------ reading results
-def result_folder(results: str, trainer: str) -> str:
-    """``<results>/<Dataset>/<trainer>__<plans>__<configuration>``: nnU-Net's output folder under the demo's own
-    results root (nnU-Net's ``get_output_folder`` reads ``$nnUNet_results``, which the demo leaves alone)."""
-    return os.path.join(results, DATASET, convert_trainer_plans_config_to_identifier(trainer, PLANS, CONFIGURATION))
-
-
 def summary_path(results: str, trainer: str) -> str:
-    """The ``summary.json`` of ``trainer``'s fold-0 validation under ``results``."""
-    return os.path.join(result_folder(results, trainer), f"fold_{FOLD}", "validation", "summary.json")
+    """The ``summary.json`` of ``trainer``'s fold-0 validation under the demo's own results root ``results``
+    (nnU-Net's ``get_output_folder`` reads ``$nnUNet_results``, which the demo leaves alone)."""
+    return os.path.join(fold_dir(os.path.join(results, DATASET), trainer, PLANS, CONFIGURATION, FOLD), "validation",
+                        "summary.json")
 
 
 def read_dice(summary_file: str) -> Dict[str, float]:
@@ -52,8 +47,9 @@ def read_dice(summary_file: str) -> Dict[str, float]:
 def read_probe(results: str) -> Optional[Dict[str, object]]:
     """The dense linear probe of the demo's pretraining from its ``pgl_log.json``: ``{'random_init': …, 'pgl': …,
     'epoch': …}`` (each ``{'levels': {…}, 'all': …, 'cases': …}``), or None where the log has no probe."""
-    for fold in (f"fold_{FOLD}", "fold_all"):
-        path = os.path.join(result_folder(results, METHODS["pgl"].pretrainer), fold, "pgl_log.json")
+    for fold in (FOLD, "all"):
+        path = os.path.join(fold_dir(os.path.join(results, DATASET), METHODS["pgl"].pretrainer, PLANS, CONFIGURATION,
+                                     fold), "pgl_log.json")
         if os.path.isfile(path):
             with open(path) as f:
                 log = json.load(f)

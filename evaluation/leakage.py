@@ -129,7 +129,7 @@ def raw_image_files(raw_dataset: str, dataset_json: dict, case_ids: Iterable[str
 
 def find_leaks(meta: Dict[str, Any], dataset_name: str, val_by_fold: Dict[int, List[str]],
                raw_files: Dict[str, List[str]], preprocessed_files: Optional[Dict[str, str]] = None,
-               ) -> Dict[int, FoldLeaks]:
+               sha_cache: Optional[Dict[str, str]] = None) -> Dict[int, FoldLeaks]:
     """Validation cases a checkpoint saw in pretraining, per fold.
 
     Args:
@@ -140,6 +140,8 @@ def find_leaks(meta: Dict[str, Any], dataset_name: str, val_by_fold: Dict[int, L
             matched by ``sha256_of_files`` of these. A case without raw files cannot be checked (``unchecked``).
         preprocessed_files: ``{case_id: <case>.b2nd}``; used only when the checkpoint was pretrained on another
             dataset, to match its labeled cases by hash instead of by case id.
+        sha_cache: hashes already computed (``'raw:<case>'``/``'pre:<case>'`` → sha256), updated; share one between
+            the checkpoints of one comparison so that each validation image is read once.
 
     Returns:
         ``{fold: FoldLeaks}``.
@@ -150,7 +152,13 @@ def find_leaks(meta: Dict[str, Any], dataset_name: str, val_by_fold: Dict[int, L
     labeled_ids = {c["case_id"] for c in cases if c.get("kind") == "labeled"}
     labeled_sha = {c["sha256"]: c["case_id"] for c in cases if c.get("kind") == "labeled" and c.get("sha256")}
     unlabeled = {c["sha256"]: c for c in cases if c.get("kind") == "unlabeled" and c.get("sha256")}
-    sha_cache: Dict[str, str] = {}
+    cache: Dict[str, str] = {} if sha_cache is None else sha_cache
+
+    def sha(key: str, files: List[str]) -> str:
+        if key not in cache:
+            cache[key] = sha256_of_files(files)
+        return cache[key]
+
     out: Dict[int, FoldLeaks] = {}
     for fold, val in val_by_fold.items():
         lab: List[str] = []
@@ -160,16 +168,15 @@ def find_leaks(meta: Dict[str, Any], dataset_name: str, val_by_fold: Dict[int, L
             if same_dataset and cid in labeled_ids:
                 lab.append(cid)
             elif not same_dataset and labeled_sha and preprocessed_files and cid in preprocessed_files:
-                sha = sha_cache.setdefault("pre:" + cid, sha256_of_files([preprocessed_files[cid]]))
-                if sha in labeled_sha:
+                if sha("pre:" + cid, [preprocessed_files[cid]]) in labeled_sha:
                     lab.append(cid)
             if unlabeled:
                 if cid not in raw_files:
                     unchecked.append(cid)
                     continue
-                sha = sha_cache.setdefault("raw:" + cid, sha256_of_files(raw_files[cid]))
-                if sha in unlabeled:
-                    u = unlabeled[sha]
+                digest = sha("raw:" + cid, raw_files[cid])
+                if digest in unlabeled:
+                    u = unlabeled[digest]
                     unl.append(UnlabeledCopy(case_id=cid, pretrain_case_id=u["case_id"], source=u.get("source", [])))
         leaked = sorted(set(lab) | {u["case_id"] for u in unl})
         out[fold] = FoldLeaks(n_val=len(val), labeled=lab, unlabeled=unl, unchecked=unchecked, leaked=leaked)
@@ -227,6 +234,7 @@ def leakage_guard(trainers: Sequence[Any], results_dataset: str, plans: dict, pl
     """
     found = _checkpoints_used(trainers, results_dataset, plans, plans_name, configuration, list(val_by_fold))
     raw: Optional[Dict[str, List[str]]] = None
+    sha_cache: Dict[str, str] = {}  # one per comparison: the checkpoints share the validation images' hashes
     for report, why_not, folds in found:
         meta = _pretraining_meta(report, why_not)
         if meta is None:
@@ -243,5 +251,5 @@ def leakage_guard(trainers: Sequence[Any], results_dataset: str, plans: dict, pl
         report.n_pretrain_cases = len(meta["cases"])
         report.n_unlabeled = sum(c.get("kind") == "unlabeled" for c in meta["cases"])
         report.folds = find_leaks(meta, plans.get("dataset_name", ""), {k: val_by_fold[k] for k in sorted(folds)},
-                                  raw, pre)
+                                  raw, pre, sha_cache)
     return [report for report, _, _ in found]

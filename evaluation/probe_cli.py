@@ -230,5 +230,6 @@ def write_outputs(results: Dict[str, Dict[str, Any]], json_path: Optional[str], 
         plot_results(results, png, title)
         print(f"Figure: {png}")
 
+
 if __name__ == "__main__":
     main()

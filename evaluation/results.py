@@ -298,7 +298,8 @@ def read_learning_curve(folder: str) -> Optional[LearningCurve]:
         if not os.path.isfile(p):
             continue
         try:
-            log = torch.load(p, map_location="cpu", weights_only=False).get("logging", {})
+            # memory-mapped: only the small logging record is read, not the weights and optimiser state
+            log = torch.load(p, map_location="cpu", weights_only=False, mmap=True).get("logging", {})
         except Exception:
             continue
         n = min(len(log.get("train_losses", [])), len(log.get("val_losses", [])), len(log.get("ema_fg_dice", [])))

@@ -10,8 +10,8 @@
 * **What**: ``pgl_meta`` (:func:`build_meta`) records the plans fields the weights depend on; :func:`check_pgl_meta`
   refuses a checkpoint whose architecture fields differ and warns where only the preprocessing differs
   (:func:`preprocessing_mismatches`). :func:`read_pgl_checkpoint` loads one with a message that says what to do.
-* **Hashes**: :func:`file_hash` is the one stat-cached sha256 (the pretrainer's case record and ``pgl_compare``'s
-  leakage guard); :func:`sha256_of_files` hashes files concatenated (a multi-file image).
+* **Hashes**: :func:`file_hash` is the stat-cached sha256 of the pretrainer's case record; :func:`sha256_of_files`
+  hashes files concatenated (a multi-file image), as unlabeled ingestion and ``pgl_compare``'s leakage guard do.
 """
 from __future__ import annotations
 
@@ -80,14 +80,6 @@ def pretraining_checkpoint(dataset_name: str, plans_name: str, configuration: st
                            fold: Union[int, str]) -> str:
     """``checkpoint_final.pth`` of :func:`pretraining_folder`."""
     return join(pretraining_folder(dataset_name, pretrainer, plans_name, configuration, fold), FINAL_CHECKPOINT)
-
-
-def default_checkpoint_path(plans: dict, configuration: str, pretrainer: str,
-                            fold: Union[int, str] = "all") -> Optional[str]:
-    """Where ``pgl_pretrain`` writes the final checkpoint for these plans (None without ``nnUNet_results``)."""
-    if not nnUNet_results:
-        return None
-    return pretraining_checkpoint(plans["dataset_name"], plans["plans_name"], configuration, pretrainer, fold)
 
 
 def transfer_record_path(dataset_name: str, plans_name: str, configuration: str) -> str:
@@ -209,9 +201,10 @@ def choose_pgl_checkpoint(plans: dict, configuration: str, fold: Union[int, str]
 
 # ------------------------------------------------------------------------------------------------------- what
 def read_pgl_checkpoint(path: str) -> Dict[str, Any]:
-    """Load a checkpoint (CPU, tensors and builtins only) or raise :class:`PGLCheckpointError` saying why."""
+    """Load a checkpoint (CPU, tensors and builtins only; memory-mapped, so that reading ``pgl_meta`` alone does not
+    read the weights, the EMA target and the optimiser state) or raise :class:`PGLCheckpointError` saying why."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, not a torch file, pickled objects, ...
         raise PGLCheckpointError(
             f"cannot read the PGL checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}. It is "
@@ -224,10 +217,12 @@ CHECKED_FIELDS = ("network_class", "architecture_fingerprint", "patch_size", "nu
                   "normalization_schemes")
 
 
-def check_pgl_meta(ckpt: Dict[str, Any], path: str, plans: dict, configuration: str, dataset_json: dict) -> List[str]:
+def check_pgl_meta(ckpt: Dict[str, Any], path: str, plans: dict, configuration: str, dataset_json: dict,
+                   pretrainer: str = "nnUNetPretrainerPGL") -> List[str]:
     """Raise :class:`PGLCheckpointError` naming the first architecture field where ``pgl_meta`` differs from these
-    plans; return the warnings about target spacing and CT normalisation (:func:`preprocessing_mismatches`)."""
-    fix = f"pgl_pretrain -d {plans['dataset_name']} -c {configuration} -p {plans['plans_name']}"
+    plans (the message gives the ``pgl_pretrain`` command of ``pretrainer``, the one the caller reads); return the
+    warnings about target spacing and CT normalisation (:func:`preprocessing_mismatches`)."""
+    fix = pretrain_command(plans["dataset_name"], configuration, plans["plans_name"], pretrainer)
     meta = ckpt.get("pgl_meta") if isinstance(ckpt, dict) else None
     if meta is None:
         who = ckpt.get("trainer_name", "unknown") if isinstance(ckpt, dict) else "unknown"

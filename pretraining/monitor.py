@@ -1,7 +1,7 @@
 """What a pretraining run shows while it runs, hook by hook: the epoch's losses reduced on the training device and
 copied to the host once (``on_train_epoch_end``); the epoch record (``pgl_log.json``, the log lines,
 ``progress.png``, checkpoints and pictures when due: ``on_epoch_end``); the dense linear probe (rank 0) and the
-collapse/shortcut statistics (local rank 0) at the epoch ends :meth:`MonitorHooks._probe_and_collapse` picks.
+collapse/shortcut statistics (rank 0) at the epoch ends :meth:`MonitorHooks._probe_and_collapse` picks.
 
 A mixin of :class:`~nnunet_pgl.pretraining.pretrainer.nnUNetPretrainerPGL` (it uses the trainer's ``online``
 branch, ``network``, ``pgl_config``, ``pgl_log`` and logging); its state is set in the trainer's ``__init__``.
@@ -12,12 +12,13 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join, save_json
+from batchgenerators.utilities.file_and_folder_operations import join
 from torch import distributed as dist
 
 from nnunet_pgl import default_levels, level_strides
 from nnunet_pgl.collapse import CollapseMonitor, LevelStats, collapse_warnings
 from nnunet_pgl.evaluation.probe import ProbeSet, ProbeUnavailable, build_probe_set, format_scores, probe_network
+from nnunet_pgl.pretraining.atomic import atomic_write_json
 from nnunet_pgl.pretraining.pictures import plot_pgl_progress
 
 
@@ -163,7 +164,7 @@ class MonitorHooks(_Trainer):
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
             self.save_checkpoint(join(self.output_folder, "checkpoint_latest.pth"))
         if self.local_rank == 0:
-            save_json(self.pgl_log, join(self.output_folder, "pgl_log.json"))
+            atomic_write_json(join(self.output_folder, "pgl_log.json"), self.pgl_log)
             plot_pgl_progress(self.pgl_log, join(self.output_folder, "progress.png"))
             if (self.current_epoch + 1) % self.save_every == 0 or self.current_epoch == self.num_epochs - 1:
                 self.save_picture()
@@ -172,11 +173,11 @@ class MonitorHooks(_Trainer):
     def _mean_overlap(self) -> Optional[float]:
         """Mean :func:`~nnunet_pgl.views.pair_overlap` of the epoch's view pairs over all ranks (None: no pairs)."""
         ov = self._epoch_stats.get("overlap") or []
-        if ov:
-            c = torch.cat(ov).double()
+        if ov:  # float32, as MPS has no float64: a mean of fractions in [0, 1] needs no more
+            c = torch.cat(ov).float()
             sums = torch.stack([c.sum(), torch.full((), float(c.numel()), dtype=c.dtype, device=c.device)])
         else:
-            sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+            sums = torch.zeros(2, dtype=torch.float32, device=self.device)
         if self.is_ddp:
             sums = sums.to(self.device)
             dist.all_reduce(sums)

@@ -40,6 +40,7 @@ from nnunet_pgl import (IntensityAugmentation, PGLBranch, ViewPrior, default_lev
                         make_target, make_view_pair, pgl_loss, unwrap_network)
 from nnunet_pgl.collapse import CollapseMonitor
 from nnunet_pgl.evaluation.probe import ProbeSet
+from nnunet_pgl.pretraining.atomic import FIGURE_TMP_SUFFIX, TMP_SUFFIX, atomic_write_json
 from nnunet_pgl.pretraining.cases import PretrainCase, select_cases
 from nnunet_pgl.pretraining.checkpointing import CheckpointHooks
 from nnunet_pgl.pretraining.config import CONFIG_FILE, config_from_env
@@ -103,7 +104,7 @@ class nnUNetPretrainerPGL(CheckpointHooks, MonitorHooks, nnUNetTrainer):
         self._bad_streak = 0
         self.view_generator: Optional[torch.Generator] = None
         self.pretrain_cases: List[PretrainCase] = []
-        # dense linear probe (rank 0) and collapse/shortcut statistics (local rank 0), see _probe_and_collapse
+        # dense linear probe (rank 0) and collapse/shortcut statistics (rank 0), see _probe_and_collapse
         self._probe_set: Optional[ProbeSet] = None
         self._probe_init: Optional[Dict[str, Any]] = None
         self._collapse = CollapseMonitor() if cfg.collapse_every > 0 and self.local_rank == 0 else None
@@ -197,7 +198,7 @@ class nnUNetPretrainerPGL(CheckpointHooks, MonitorHooks, nnUNetTrainer):
         cache = load_json(cache_file) if isfile(cache_file) else {}
         out = {i: file_hash(join(self.preprocessed_dataset_folder, i + ".b2nd"), cache) for i in ids}
         if self.local_rank == 0:
-            save_json(cache, cache_file)
+            atomic_write_json(cache_file, cache)
         return out
 
     def get_dataloaders(self):
@@ -234,7 +235,7 @@ class nnUNetPretrainerPGL(CheckpointHooks, MonitorHooks, nnUNetTrainer):
         for folder in (self.output_folder, join(self.output_folder, "pictures")):
             if os.path.isdir(folder):
                 for n in os.listdir(folder):
-                    if n.endswith((".tmp", ".tmp.png")):
+                    if n.endswith((TMP_SUFFIX, FIGURE_TMP_SUFFIX)):
                         os.remove(join(folder, n))
                         self.print_to_log_file(f"Removed {n}, a partial write of an interrupted run")
 

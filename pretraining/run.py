@@ -64,7 +64,9 @@ def planned_dataset(dataset: Union[str, int], plans: str, configuration: str,
     base = join(str(nnUNet_preprocessed), name)
     plans_file = join(base, plans + ".json")
     if not isfile(plans_file):
-        have = sorted(f[:-5] for f in os.listdir(base) if f.endswith("Plans.json")) if isdir(base) else []
+        not_plans = ("dataset.json", "dataset_fingerprint.json", "splits_final.json")
+        have = sorted(f[:-5] for f in os.listdir(base) if f.endswith(".json") and f not in not_plans) \
+            if isdir(base) else []
         raise PretrainError(f"no plans '{plans}' for {name} (found: {have or 'none'}). Plan first: {hint}, or pass -p "
                             "with one of those")
     plans_dict = load_json(plans_file)

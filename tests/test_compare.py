@@ -233,6 +233,19 @@ def test_raw_hash_matches_what_ingestion_hashes_for_multichannel_cases(tmp_path)
     assert LK.find_leaks(meta, "D", {0: ["c7", "c8"]}, files)[0].leaked == ["c7"]
 
 
+def test_leakage_guard_hashes_each_validation_image_once(tmp_path, monkeypatch):
+    """Two checkpoints of one comparison (one cache) read each validation case's raw files once."""
+    import nnunet_pgl.pretraining.contract as contract
+    calls = []
+    monkeypatch.setattr(contract, "sha256_of_files", lambda files: calls.append(tuple(files)) or "f" * 64)
+    meta = {"dataset_name": "D", "cases": [{"case_id": "unl_x", "kind": "unlabeled", "sha256": "e" * 64}]}
+    files = {"c0": ["/raw/c0_0000.nii.gz"], "c1": ["/raw/c1_0000.nii.gz"]}
+    cache: dict = {}
+    for _ in range(2):
+        LK.find_leaks(meta, "D", {0: ["c0"], 1: ["c1"]}, files, sha_cache=cache)
+    assert sorted(calls) == [("/raw/c0_0000.nii.gz",), ("/raw/c1_0000.nii.gz",)]
+
+
 # ============================================================================================== report rendering
 def _fake_project(tmp_path, monkeypatch, leak_case="c3"):
     res = _fake_results(tmp_path)

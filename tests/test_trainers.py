@@ -66,6 +66,14 @@ def test_meta_mismatch_names_field_and_fix(data_dir, field, value):
         check_pgl_meta({"pgl_meta": bad}, "x.pth", plans, "3d_fullres", dataset_json)
 
 
+def test_meta_mismatch_fix_names_the_callers_method(data_dir):
+    """A BYOL fine-tuning trainer's message gives the pgl_pretrain command that writes the folder it reads."""
+    plans, dataset_json, meta = _plans_and_meta(data_dir)
+    with pytest.raises(PGLCheckpointError, match="pgl_pretrain -d .* -p nnUNetPlans --method byol"):
+        check_pgl_meta({"pgl_meta": dict(meta, patch_size=[16, 64, 64])}, "x.pth", plans, "3d_fullres", dataset_json,
+                       "nnUNetPretrainerBYOL")
+
+
 def test_plain_nnunet_checkpoint_refused(data_dir):
     plans, dataset_json, _ = _plans_and_meta(data_dir)
     with pytest.raises(PGLCheckpointError, match="not a PGL checkpoint .*nnUNetTrainer.*-pretrained_weights"):

@@ -156,7 +156,8 @@ class nnUNetTrainerPGL(nnUNetTrainerScratch):
     def _choose_and_check(self, plans: dict, configuration: str, fold, dataset_json: dict) -> CheckpointChoice:
         """Choose the checkpoint (:func:`choose_pgl_checkpoint`) and check its pgl_meta against these plans."""
         choice = choose_pgl_checkpoint(plans, configuration, fold, self.pretrainer(), self.__class__.__name__)
-        check_pgl_meta(read_pgl_checkpoint(choice.path), choice.path, plans, configuration, dataset_json)
+        check_pgl_meta(read_pgl_checkpoint(choice.path), choice.path, plans, configuration, dataset_json,
+                       self.pretrainer())
         return choice
 
     def _may_load_own_checkpoint(self, plans: dict, configuration: str, fold) -> bool:
@@ -186,7 +187,8 @@ class nnUNetTrainerPGL(nnUNetTrainerScratch):
         assert self._pgl_choice is not None
         path = self._pgl_choice.path
         ckpt = read_pgl_checkpoint(path)
-        warnings = check_pgl_meta(ckpt, path, self.plans_manager.plans, self.configuration_name, self.dataset_json)
+        warnings = check_pgl_meta(ckpt, path, self.plans_manager.plans, self.configuration_name, self.dataset_json,
+                                  self.pretrainer())
         self.print_to_log_file(f"PGL checkpoint {path}, chosen: {self._pgl_choice.why}")
         if self._pgl_choice.fallback:
             self.print_to_log_file(f"WARNING: {self._leakage_warning(ckpt.get('pgl_meta') or {})}")

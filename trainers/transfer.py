@@ -178,8 +178,8 @@ def transfer(source: str, target: str, plans: str = "nnUNetPlans", configuration
 
 def _source_checkpoints(a: str, b: str, plans: str, configuration: str, source_plans: Dict[str, Any],
                         a_json: Dict[str, Any]) -> Tuple[Dict[str, Optional[str]], List[str]]:
-    """A's PGL checkpoints per pretrainer (they must fit A's plans: B's are the same), and the warnings (none yet:
-    the command that makes one)."""
+    """A's PGL checkpoints per pretrainer (they must fit A's plans: B's are the same), and the warnings: each
+    checkpoint's preprocessing mismatches, or, when A has none, the command that makes one."""
     from nnunet_pgl.pretraining.contract import (PRETRAINER_BY_METHOD, PGLCheckpointError, check_pgl_meta,
                                                  pretrain_command, pretraining_checkpoint, read_pgl_checkpoint)
     warnings: List[str] = []
@@ -188,7 +188,8 @@ def _source_checkpoints(a: str, b: str, plans: str, configuration: str, source_p
         path = pretraining_checkpoint(a, plans, configuration, pretrainer, "all")
         if os.path.isfile(path):
             try:
-                warnings += check_pgl_meta(read_pgl_checkpoint(path), path, source_plans, configuration, a_json)
+                warnings += check_pgl_meta(read_pgl_checkpoint(path), path, source_plans, configuration, a_json,
+                                           pretrainer)
             except PGLCheckpointError as e:
                 raise TransferError(f"{a}'s pretraining does not fit its own plans any more: {e}") from None
             checkpoints[pretrainer] = path

@@ -74,14 +74,11 @@ The phases, one module each (:mod:`.pipeline` runs them in order in :func:`inges
 """
 from __future__ import annotations
 
-from .cache import (CASE_FILE_SUFFIXES, FOLDER_SUFFIX, INDEX_FILE, INGEST_FORMAT_VERSION, LOCK_FILE, TMP_PREFIX,
-                    plans_fingerprint, unlabeled_folder)
+from .cache import plans_fingerprint, unlabeled_folder
 from .discovery import companions
-from .errors import VANISHED, IngestError, IngestWarning
+from .errors import IngestError, IngestWarning
 from .pipeline import UnlabeledCase, ingest_unlabeled
-from .preprocessing import NOT_HU
 from .report import REPORT_FILE
 
 __all__ = ["ingest_unlabeled", "UnlabeledCase", "IngestError", "IngestWarning", "unlabeled_folder",
-           "plans_fingerprint", "companions", "INDEX_FILE", "REPORT_FILE", "LOCK_FILE",
-           "TMP_PREFIX", "FOLDER_SUFFIX", "INGEST_FORMAT_VERSION", "CASE_FILE_SUFFIXES", "VANISHED", "NOT_HU"]
+           "plans_fingerprint", "companions", "REPORT_FILE"]

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
 
 from batchgenerators.utilities.file_and_folder_operations import join, load_json
 
-from nnunet_pgl.pretraining.atomic import atomic_write_text, fsync_dir, remove_quietly
+from nnunet_pgl.pretraining.atomic import atomic_write_json, fsync_dir, remove_quietly
 from .discovery import Group
 from .errors import IngestWarning
 
@@ -93,7 +93,7 @@ def load_index(folder: str, quiet: bool = False) -> List[Dict[str, Any]]:
 
 def write_index(folder: str, token: str, entries: List[Dict[str, Any]]) -> None:
     """Replace ``folder/index.json`` atomically (through ``.pgltmp-<token>-index.json``)."""
-    atomic_write_text(join(folder, INDEX_FILE), json.dumps(entries, indent=1),
+    atomic_write_json(join(folder, INDEX_FILE), entries, indent=1,
                       tmp=join(folder, f"{TMP_PREFIX}{token}-{INDEX_FILE}"))
 
 

@@ -290,7 +290,7 @@ def _probe_unprobed(paths: Sequence[str], readable: Dict[str, Header], bad: Dict
 
 
 def group_channels(folder: str, files: Sequence[str], readable: Dict[str, Header], bad: Dict[str, str],
-                   companions: Dict[str, List[str]], k: int, skipped: Skipped,
+                   companions_of: Dict[str, List[str]], k: int, skipped: Skipped,
                    known_groups: Optional[Set[Tuple[str, ...]]] = None) -> List[Group]:
     """Multi-channel datasets: ``<case>_0000.<ext>`` ... ``<case>_{k-1:04d}.<ext>`` form one case. A file not
     probed (``readable[p] is None``: unchanged since indexed) is probed now unless its case is the indexed tuple."""
@@ -320,6 +320,6 @@ def group_channels(folder: str, files: Sequence[str], readable: Dict[str, Header
                               + "). Resample the channels onto one grid, or move the case out of the folder")
         hashed: List[str] = []
         for p in paths:
-            hashed += [p] + companions.get(p, [])
+            hashed += [p] + companions_of.get(p, [])
         groups.append(Group(folder, paths, tuple(hashed)))
     return groups
